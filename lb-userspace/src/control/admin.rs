@@ -1,0 +1,195 @@
+//! The admin HTTP API (axum): `GET /metrics`, `GET /status`, `POST /reload`,
+//! `POST /services/{name}/backends/{address}/drain` and `.../undrain`.
+//!
+//! It binds loopback by default. When `admin.token_file` is set, every changing endpoint
+//! (POST) needs `Authorization: Bearer <token>`; `lb check` refuses a non-loopback admin address
+//! without one. Request bodies are capped at 64 KiB; hyper caps the request head.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, Path, Request, State},
+    http::{HeaderMap, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use std::sync::atomic::Ordering::Relaxed;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{Daemon, ReloadError, metrics};
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Clone)]
+struct App {
+    daemon: Arc<Daemon>,
+    registry: Arc<Registry>,
+    token: Option<Arc<str>>,
+}
+
+/// Serves the admin API on `listener` until `stop`.
+pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>, stop: CancellationToken) {
+    let token = match daemon.admin_token_file() {
+        Some(file) => match std::fs::read_to_string(&file) {
+            Ok(t) if !t.trim().is_empty() => Some(Arc::from(t.trim())),
+            Ok(_) => {
+                tracing::error!(file = %file.display(), "admin token file is empty; changing endpoints are refused");
+                Some(Arc::from(""))
+            }
+            Err(e) => {
+                tracing::error!(file = %file.display(), error = %e, "cannot read the admin token file; changing endpoints are refused");
+                Some(Arc::from(""))
+            }
+        },
+        None => None,
+    };
+    let app = App {
+        registry: Arc::new(metrics::registry(Arc::clone(&daemon))),
+        daemon,
+        token,
+    };
+    if let Err(e) = axum::serve(listener, router(app))
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, "admin API stopped");
+    }
+}
+
+fn router(app: App) -> Router {
+    let changing = Router::new()
+        .route("/reload", post(reload))
+        .route("/services/{service}/backends/{backend}/drain", post(drain))
+        .route(
+            "/services/{service}/backends/{backend}/undrain",
+            post(undrain),
+        )
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/status", get(status))
+        .merge(changing)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(app)
+}
+
+/// Changing endpoints need the bearer token when one is configured.
+async fn require_token(
+    State(app): State<App>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &app.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if token.is_empty() || given != Some(token.as_ref()) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                "a valid `Authorization: Bearer <token>` header is required\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn metrics_handler(State(app): State<App>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics::render(&app.registry),
+    )
+        .into_response()
+}
+
+/// The `/status` document (design.md's contract, plus each service's Maglev digest).
+pub fn status_json(daemon: &Daemon) -> serde_json::Value {
+    let services: Vec<serde_json::Value> = daemon
+        .services()
+        .iter()
+        .map(|(name, s)| {
+            let backends: Vec<serde_json::Value> = s
+                .backends
+                .iter()
+                .map(|b| {
+                    json!({
+                        "address": b.address.to_string(),
+                        "weight": b.weight(),
+                        "state": b.state_label(),
+                        "active_connections": b.active.load(Relaxed),
+                        "connections_total": b.connections_total.load(Relaxed),
+                        "bytes_to_backend": b.bytes_to_backend.load(Relaxed),
+                        "bytes_to_client": b.bytes_to_client.load(Relaxed),
+                        "connect_failures": b.connect_failures.load(Relaxed),
+                    })
+                })
+                .collect();
+            json!({
+                "name": name,
+                "listen": s.config.listen.to_string(),
+                "algorithm": s.config.algorithm.as_str(),
+                "table_digest": s.selector.maglev_digest(),
+                "no_backend": s.no_backend.load(Relaxed),
+                "backends": backends,
+            })
+        })
+        .collect();
+    json!({ "dataplane": daemon.dataplane, "services": services })
+}
+
+async fn status(State(app): State<App>) -> Json<serde_json::Value> {
+    Json(status_json(&app.daemon))
+}
+
+async fn reload(State(app): State<App>) -> Response {
+    match app.daemon.reload().await {
+        Ok(()) => (StatusCode::OK, "reloaded\n").into_response(),
+        Err(e @ ReloadError::Invalid(_)) => {
+            (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+        }
+        Err(e) => (StatusCode::CONFLICT, format!("{e:#}\n")).into_response(),
+    }
+}
+
+async fn drain(
+    State(app): State<App>,
+    Path((service, backend)): Path<(String, String)>,
+) -> Response {
+    set_drained(&app, &service, &backend, true)
+}
+
+async fn undrain(
+    State(app): State<App>,
+    Path((service, backend)): Path<(String, String)>,
+) -> Response {
+    set_drained(&app, &service, &backend, false)
+}
+
+fn set_drained(app: &App, service: &str, backend: &str, drained: bool) -> Response {
+    let Ok(address) = backend.parse::<SocketAddr>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("{backend:?} is not an address such as 10.0.0.11:80\n"),
+        )
+            .into_response();
+    };
+    match app.daemon.set_drained(service, address, drained) {
+        Ok(()) => (
+            StatusCode::OK,
+            if drained { "draining\n" } else { "undrained\n" },
+        )
+            .into_response(),
+        Err(e) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
+    }
+}

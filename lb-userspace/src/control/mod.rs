@@ -1,0 +1,439 @@
+//! The daemon's lifecycle: build state from config, bind, serve, reload, drain.
+//!
+//! - `Daemon` holds what runs: each service's swappable state, its listener task, its health
+//!   checks. `reload` applies a new config as a diff (see [`Daemon::reload`]).
+//! - `admin`: the admin HTTP API (`/metrics`, `/status`, `/reload`, drain).
+//! - `metrics`: the Prometheus collector over live state.
+//! - `status`: the `lb status` client.
+
+pub mod admin;
+pub mod metrics;
+pub mod status;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    num::NonZeroUsize,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+    sync::{Mutex, Semaphore},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::{self, Config, ConfigErrors, ServiceConfig},
+    dataplane::{self, pipes::PipePool, proxy, relay::RelayMode},
+    state::Service,
+    sys,
+};
+
+/// Idle pipes kept for reuse, and the capacity of each (see README, "Resources").
+const PIPE_POOL_IDLE: usize = 256;
+const PIPE_SIZE: usize = 64 * 1024;
+
+/// Runs the daemon until SIGTERM/SIGINT and the drain that follows.
+pub fn run_daemon(
+    path: PathBuf,
+    config: Config,
+    workers: Option<NonZeroUsize>,
+) -> anyhow::Result<()> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = workers {
+        builder.worker_threads(n.get());
+    }
+    let runtime = builder.build().context("cannot start the async runtime")?;
+    runtime.block_on(run(path, config, shutdown_signal()))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+}
+
+/// One running service.
+struct Running {
+    listen: SocketAddr,
+    state: Arc<ArcSwap<Service>>,
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    stop_accepting: CancellationToken,
+    stop_checks: CancellationToken,
+}
+
+/// Everything the daemon runs, and what reload and the admin API act on.
+pub struct Daemon {
+    path: PathBuf,
+    pub dataplane: &'static str,
+    services: std::sync::RwLock<Vec<(String, Arc<ArcSwap<Service>>)>>,
+    running: Mutex<HashMap<String, Running>>,
+    shared: Arc<proxy::Shared>,
+    tasks: TaskTracker,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+    /// The current config (the last one applied).
+    config: std::sync::Mutex<Config>,
+}
+
+/// Why a reload did not apply.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("invalid configuration; nothing changed:\n{0}")]
+    Invalid(#[from] ConfigErrors),
+    #[error("service {service}: cannot listen on {listen}; nothing changed")]
+    Bind {
+        service: String,
+        listen: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("service {service}: cannot build backend selection; nothing changed")]
+    Build {
+        service: String,
+        #[source]
+        source: crate::state::BuildError,
+    },
+}
+
+impl Daemon {
+    /// The services in config order, for `/status` and `/metrics`.
+    pub fn services(&self) -> Vec<(String, Arc<Service>)> {
+        self.services
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(name, s)| (name.clone(), s.load_full()))
+            .collect()
+    }
+
+    pub fn admin_token_file(&self) -> Option<PathBuf> {
+        let config = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        config.admin.as_ref().and_then(|a| a.token_file.clone())
+    }
+
+    /// Starts (or restarts with a new config) one service; `listener` is `None` when the
+    /// existing one is kept.
+    fn start_service(
+        &self,
+        running: &mut HashMap<String, Running>,
+        config: ServiceConfig,
+        listener: Option<TcpListener>,
+        built: Service,
+    ) {
+        let name = config.name.clone();
+        let max = config.max_connections.get() as usize;
+        let built = Arc::new(built);
+        let stop_checks = CancellationToken::new();
+        crate::health::spawn(&built, &self.tasks, &stop_checks);
+        match running.get_mut(&name) {
+            Some(r) => {
+                r.state.store(Arc::clone(&built));
+                r.stop_checks.cancel();
+                r.stop_checks = stop_checks;
+                if max > r.max_connections {
+                    r.slots.add_permits(max - r.max_connections);
+                } else {
+                    r.slots.forget_permits(r.max_connections - max);
+                }
+                r.max_connections = max;
+                if let Some(listener) = listener {
+                    // Bound the new address already; now stop the old one.
+                    let stop = CancellationToken::new();
+                    self.tasks.spawn(proxy::serve(
+                        listener,
+                        Arc::clone(&r.state),
+                        Arc::clone(&r.slots),
+                        Arc::clone(&self.shared),
+                        stop.clone(),
+                    ));
+                    tracing::info!(service = %name, old = %r.listen, new = %config.listen, "listen address changed");
+                    r.stop_accepting.cancel();
+                    r.stop_accepting = stop;
+                    r.listen = config.listen;
+                }
+            }
+            None => {
+                let listener = listener.expect("a new service comes with its listener");
+                let state = Arc::new(ArcSwap::new(built));
+                let slots = Arc::new(Semaphore::new(max));
+                let stop = CancellationToken::new();
+                tracing::info!(service = %name, listen = %config.listen, "listening");
+                self.tasks.spawn(proxy::serve(
+                    listener,
+                    Arc::clone(&state),
+                    Arc::clone(&slots),
+                    Arc::clone(&self.shared),
+                    stop.clone(),
+                ));
+                running.insert(
+                    name,
+                    Running {
+                        listen: config.listen,
+                        state,
+                        slots,
+                        max_connections: max,
+                        stop_accepting: stop,
+                        stop_checks,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Applies the config file again, as a diff. Invalid files, listen addresses that cannot be
+    /// bound and selection that cannot be built leave everything as it was. Otherwise: new
+    /// services bind; removed services stop accepting (their open connections finish); changed
+    /// services get the new settings and backends, keeping every open connection and the
+    /// counters of unchanged backends; a changed listen address is bound before the old one
+    /// closes. Dataplane, admin and shutdown settings need a restart.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let result = self.try_reload().await;
+        match &result {
+            Ok(()) => {
+                self.reloads_ok.fetch_add(1, Relaxed);
+                tracing::info!("reload applied");
+            }
+            Err(e) => {
+                self.reloads_failed.fetch_add(1, Relaxed);
+                tracing::error!("reload failed: {e}");
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<(), ReloadError> {
+        let new = config::load(&self.path)?;
+        let mut running = self.running.lock().await;
+        // 1. Everything that can fail, before anything changes.
+        let mut prepared = Vec::new();
+        for service in &new.services {
+            let previous = running.get(&service.name);
+            let listener = match previous {
+                Some(r) if r.listen == service.listen => None,
+                _ => Some(
+                    proxy::bind(service.listen).map_err(|source| ReloadError::Bind {
+                        service: service.name.clone(),
+                        listen: service.listen,
+                        source,
+                    })?,
+                ),
+            };
+            let old = previous.map(|r| r.state.load_full());
+            let built = Service::build(service.clone(), old.as_deref()).map_err(|source| {
+                ReloadError::Build {
+                    service: service.name.clone(),
+                    source,
+                }
+            })?;
+            prepared.push((service.clone(), listener, built));
+        }
+        // 2. Apply.
+        let old_config = self
+            .config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if new.dataplane != old_config.dataplane
+            || new.admin != old_config.admin
+            || new.shutdown_timeout != old_config.shutdown_timeout
+        {
+            tracing::warn!(
+                "dataplane, admin and shutdown_timeout changes take effect at the next restart"
+            );
+        }
+        for (service, listener, built) in prepared {
+            self.start_service(&mut running, service, listener, built);
+        }
+        let keep: Vec<&str> = new.services.iter().map(|s| s.name.as_str()).collect();
+        running.retain(|name, r| {
+            let kept = keep.contains(&name.as_str());
+            if !kept {
+                tracing::info!(service = %name, "service removed: stopped accepting; open connections continue");
+                r.stop_accepting.cancel();
+                r.stop_checks.cancel();
+            }
+            kept
+        });
+        *self.services.write().unwrap_or_else(|e| e.into_inner()) = new
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), Arc::clone(&running[&s.name].state)))
+            .collect();
+        let mut config = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        let (dataplane, admin, shutdown_timeout) = (
+            config.dataplane.clone(),
+            config.admin.clone(),
+            config.shutdown_timeout,
+        );
+        *config = Config {
+            dataplane,
+            admin,
+            shutdown_timeout,
+            ..new
+        };
+        Ok(())
+    }
+
+    /// Drains (or undrains) a backend: no new connections, open ones continue.
+    pub fn set_drained(
+        &self,
+        service: &str,
+        backend: SocketAddr,
+        drained: bool,
+    ) -> Result<(), String> {
+        let services = self.services();
+        let (_, svc) = services
+            .iter()
+            .find(|(n, _)| n == service)
+            .ok_or_else(|| format!("no service named {service:?}"))?;
+        let b = svc
+            .backends
+            .iter()
+            .find(|b| b.address == backend)
+            .ok_or_else(|| format!("service {service:?} has no backend {backend}"))?;
+        b.set_drained(drained);
+        tracing::info!(service, %backend, drained, "backend drain changed through the admin API");
+        Ok(())
+    }
+}
+
+/// The daemon: everything after the config is valid. `shutdown` ends it.
+pub async fn run(
+    path: PathBuf,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    match sys::raise_nofile_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-files limit raised"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
+    let choice = dataplane::choose(config.dataplane.mode)?;
+    for (other, why) in &choice.passed_over {
+        tracing::info!(dataplane = %other, "not used: {why}");
+    }
+    tracing::info!(dataplane = %choice.kind.as_str(), config = %path.display(), "starting");
+
+    // Build and bind everything before serving anything: a port in use stops the start cleanly.
+    let mut prepared = Vec::new();
+    for service in &config.services {
+        let built = Service::build(service.clone(), None)?;
+        if let Some(digest) = built.selector.maglev_digest() {
+            tracing::info!(service = %service.name, digest, "maglev table built");
+        }
+        let listener = proxy::bind(service.listen).with_context(|| {
+            format!(
+                "service {}: cannot listen on {}",
+                service.name, service.listen
+            )
+        })?;
+        prepared.push((service.clone(), listener, built));
+    }
+    let admin_listener = match &config.admin {
+        Some(admin) => Some(
+            tokio::net::TcpListener::bind(admin.listen)
+                .await
+                .with_context(|| format!("admin: cannot listen on {}", admin.listen))?,
+        ),
+        None => None,
+    };
+
+    let shutdown_timeout = config.shutdown_timeout;
+    let daemon = Arc::new(Daemon {
+        path,
+        dataplane: choice.kind.as_str(),
+        services: std::sync::RwLock::new(Vec::new()),
+        running: Mutex::new(HashMap::new()),
+        shared: Arc::new(proxy::Shared {
+            pool: PipePool::new(PIPE_POOL_IDLE, PIPE_SIZE),
+            mode: relay_mode(),
+            tracker: TaskTracker::new(),
+            force_close: CancellationToken::new(),
+        }),
+        tasks: TaskTracker::new(),
+        reloads_ok: AtomicU64::new(0),
+        reloads_failed: AtomicU64::new(0),
+        config: std::sync::Mutex::new(config.clone()),
+    });
+    {
+        let mut running = daemon.running.lock().await;
+        for (service, listener, built) in prepared {
+            daemon.start_service(&mut running, service, Some(listener), built);
+        }
+        *daemon.services.write().unwrap_or_else(|e| e.into_inner()) = config
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), Arc::clone(&running[&s.name].state)))
+            .collect();
+    }
+    let stop_admin = CancellationToken::new();
+    if let Some(listener) = admin_listener {
+        tracing::info!(listen = %listener.local_addr()?, "admin API listening");
+        daemon.tasks.spawn(admin::serve(
+            listener,
+            Arc::clone(&daemon),
+            stop_admin.clone(),
+        ));
+    }
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                let _ = daemon.reload().await;
+            }
+        }
+    }
+
+    // Drain: stop accepting, let open connections finish up to shutdown_timeout.
+    {
+        let running = daemon.running.lock().await;
+        for r in running.values() {
+            r.stop_accepting.cancel();
+            r.stop_checks.cancel();
+        }
+    }
+    stop_admin.cancel();
+    daemon.tasks.close();
+    daemon.tasks.wait().await;
+    let shared = &daemon.shared;
+    shared.tracker.close();
+    tracing::info!(open = shared.tracker.len(), timeout = ?shutdown_timeout, "stopped accepting; draining open connections");
+    if tokio::time::timeout(shutdown_timeout, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = shared.tracker.len(),
+            "drain deadline passed; closing open connections"
+        );
+        shared.force_close.cancel();
+        shared.tracker.wait().await;
+    }
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+/// `LB_RELAY=copy` selects the copy relay (for benchmarks); splice is the default.
+fn relay_mode() -> RelayMode {
+    match std::env::var("LB_RELAY").as_deref() {
+        Ok("copy") => RelayMode::Copy,
+        _ => RelayMode::Splice,
+    }
+}

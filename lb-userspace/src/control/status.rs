@@ -1,0 +1,79 @@
+//! `lb status`: fetches `/status` from a running lb's admin API and prints it as a table.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+/// Fetches and prints `/status` (as JSON when `json`).
+pub fn print(admin: &str, json: bool) -> anyhow::Result<()> {
+    let body = get(admin, "/status")?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let status: Value = serde_json::from_str(&body).context("/status did not return JSON")?;
+    print!("{}", render(&status));
+    Ok(())
+}
+
+/// A plain HTTP/1.0 GET: the admin API is local and tiny, no client library needed.
+fn get(admin: &str, path: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect(admin).with_context(|| {
+        format!(
+            "cannot reach the admin API at {admin}: is lb running with `admin.listen: {admin}`?"
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.take(16 << 20).read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let status_line = head.lines().next().unwrap_or_default();
+    if !status_line.contains(" 200 ") {
+        bail!("{path}: {status_line}");
+    }
+    Ok(body.to_owned())
+}
+
+/// The table: one block per service, one row per backend.
+pub fn render(status: &Value) -> String {
+    let mut out = format!(
+        "dataplane: {}\n",
+        status["dataplane"].as_str().unwrap_or("?")
+    );
+    for service in status["services"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\nservice {}  listen {}  algorithm {}\n",
+            service["name"].as_str().unwrap_or("?"),
+            service["listen"].as_str().unwrap_or("?"),
+            service["algorithm"].as_str().unwrap_or("?"),
+        ));
+        out.push_str(&format!(
+            "  {:<40} {:>6} {:<9} {:>8} {:>12} {:>14} {:>14}\n",
+            "BACKEND", "WEIGHT", "STATE", "ACTIVE", "CONNECTIONS", "BYTES_TO_BACK", "BYTES_TO_CLNT"
+        ));
+        for b in service["backends"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "  {:<40} {:>6} {:<9} {:>8} {:>12} {:>14} {:>14}\n",
+                b["address"].as_str().unwrap_or("?"),
+                b["weight"],
+                b["state"].as_str().unwrap_or("?"),
+                b["active_connections"],
+                b["connections_total"],
+                b["bytes_to_backend"],
+                b["bytes_to_client"],
+            ));
+        }
+    }
+    out
+}

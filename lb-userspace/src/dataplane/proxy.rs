@@ -1,0 +1,191 @@
+//! The proxy dataplane: lb accepts each client, picks a backend, connects (with retries onto
+//! other backends) and relays bytes itself (see `relay`). Needs no privileges.
+//!
+//! Over `max_connections`, a service stops accepting: new clients wait in the listen backlog
+//! (1024) until a slot frees, as with HAProxy's `maxconn`; past the backlog the kernel drops
+//! their SYNs and they retry. When no backend can be reached, the client gets a reset.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::Semaphore,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument as _;
+
+use super::{
+    pipes::PipePool,
+    relay::{self, Counters, Outcome, RelayMode},
+};
+use crate::{config::ProxyProtocol, proxy_protocol, state::Service, sys};
+
+/// What every proxied connection shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub pool: PipePool,
+    pub mode: RelayMode,
+    /// Every connection task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Fired when the drain deadline passes: open connections close.
+    pub force_close: CancellationToken,
+}
+
+/// Binds a listening socket: SO_REUSEADDR, IPv6 sockets IPv6-only, backlog 1024.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Accepts on `listener` until `stop` fires, at most `slots` connections at once. Never dies on one connection's error; backs off
+/// when file descriptors run out instead of spinning.
+pub async fn serve(
+    listener: TcpListener,
+    service: Arc<ArcSwap<Service>>,
+    slots: Arc<Semaphore>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => p.expect("semaphore never closed"),
+            () = stop.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stop.cancelled() => return,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                let service = service.load_full();
+                let span =
+                    tracing::info_span!("conn", service = %service.config.name, client = %peer);
+                let shared_c = Arc::clone(&shared);
+                shared.tracker.spawn(
+                    async move {
+                        handle(client, peer, &service, &shared_c).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(e) if sys::is_fd_exhaustion(&e) => {
+                tracing::warn!(error = %e, "out of file descriptors; pausing accepts for 100ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "accept failed"),
+        }
+    }
+}
+
+/// One client connection: pick, connect with retries, PROXY header, relay.
+async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: &Shared) {
+    let config = &service.config;
+    let _ = client.set_nodelay(true);
+    let mut tried: Vec<usize> = Vec::with_capacity(1 + config.retries as usize);
+    for _attempt in 0..=config.retries {
+        let Some(index) = service.pick(peer, &tried, fastrand::u64(..)) else {
+            break;
+        };
+        tried.push(index);
+        let backend = &service.backends[index];
+        let stream = match connect(
+            backend.address,
+            config.connect_timeout,
+            config.tcp_keepalive,
+        )
+        .await
+        {
+            Ok(stream) => {
+                service.record_connect(index, true);
+                stream
+            }
+            Err(e) => {
+                backend.connect_failures.fetch_add(1, Relaxed);
+                service.record_connect(index, false);
+                tracing::warn!(backend = %backend.address, error = %e, "connect failed; trying another backend");
+                continue;
+            }
+        };
+        let _active = backend.connection();
+        let mut stream = stream;
+        if config.proxy_protocol != ProxyProtocol::Off {
+            let local = client.local_addr().unwrap_or(config.listen);
+            let header = match config.proxy_protocol {
+                ProxyProtocol::V2 => proxy_protocol::v2(peer, local),
+                _ => proxy_protocol::v1(peer, local),
+            };
+            if let Err(e) = stream.write_all(&header).await {
+                tracing::warn!(backend = %backend.address, error = %e, "cannot send PROXY header");
+                sys::reset_on_close(&client);
+                return;
+            }
+        }
+        tracing::debug!(backend = %backend.address, "connected");
+        let counters = Counters {
+            to_backend: &backend.bytes_to_backend,
+            to_client: &backend.bytes_to_client,
+        };
+        let outcome = relay::relay(
+            client,
+            stream,
+            shared.mode,
+            &shared.pool,
+            counters,
+            config.idle_timeout,
+            &shared.force_close,
+        )
+        .await;
+        match outcome {
+            Outcome::Closed => tracing::debug!(backend = %backend.address, "closed"),
+            other => tracing::debug!(backend = %backend.address, outcome = ?other, "ended"),
+        }
+        return;
+    }
+    service.no_backend.fetch_add(1, Relaxed);
+    tracing::warn!(
+        tried = tried.len(),
+        "no backend available; resetting the client"
+    );
+    sys::reset_on_close(&client);
+}
+
+/// Connects to a backend within `timeout`, TCP_NODELAY on, keepalive as configured.
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    keepalive: Option<Duration>,
+) -> io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_nodelay(true)?;
+    if let Some(time) = keepalive {
+        socket2::SockRef::from(&socket)
+            .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(time))?;
+    }
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect timed out after {timeout:?}"),
+        )),
+    }
+}

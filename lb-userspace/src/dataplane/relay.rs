@@ -1,0 +1,241 @@
+//! The byte relay between a client and its backend: both directions at once, half-close and
+//! resets passed on, idle timeout, forced close at the end of a drain.
+//!
+//! Bytes move with splice(2) through a pipe borrowed from a [`PipePool`] only while they are in
+//! flight (zero-copy: they never enter userspace), or with plain reads and writes through a
+//! small buffer ([`RelayMode::Copy`]), which `cargo xtask bench` compares.
+//!
+//! Semantics (the same for every dataplane):
+//! - EOF from one side becomes `shutdown(SHUT_WR)` toward the other once every byte read before
+//!   it has been written; the other direction keeps flowing until it ends too.
+//! - A reset (or any read error) from one side becomes a reset toward the other (SO_LINGER 0).
+//!   A write error toward one side means that side is gone: the other side gets a reset.
+
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
+
+use tokio::{io::Interest, net::TcpStream, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::pipes::{Pipe, PipePool};
+use crate::sys;
+
+/// How bytes are moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayMode {
+    /// splice(2) through pooled pipes.
+    Splice,
+    /// read(2)/write(2) through a buffer.
+    Copy,
+}
+
+/// Copy-mode buffer size.
+const COPY_BUF: usize = 64 * 1024;
+
+/// How a relayed connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both directions ended with EOF.
+    Closed,
+    /// The client reset or failed; the backend was reset.
+    ClientFailed,
+    /// The backend reset or failed; the client was reset.
+    BackendFailed,
+    /// No bytes either way for `idle_timeout`.
+    IdleTimeout,
+    /// The drain deadline passed during shutdown.
+    Shutdown,
+}
+
+/// Which side failed, and how.
+#[derive(Debug)]
+enum DirError {
+    /// Reading the source failed (it reset, or errored).
+    Source(io::Error),
+    /// Writing the destination failed (it is gone).
+    Dest(io::Error),
+}
+
+/// Byte counters of one relayed connection, shared with the backend's totals.
+pub struct Counters<'a> {
+    pub to_backend: &'a AtomicU64,
+    pub to_client: &'a AtomicU64,
+}
+
+/// Relays until both directions end, a side fails, the connection idles out, or `force_close`
+/// fires. Both sockets are closed when this returns (with a reset where one is due).
+pub async fn relay(
+    client: TcpStream,
+    backend: TcpStream,
+    mode: RelayMode,
+    pool: &PipePool,
+    counters: Counters<'_>,
+    idle_timeout: Duration,
+    force_close: &CancellationToken,
+) -> Outcome {
+    let start = Instant::now();
+    // Milliseconds since `start` of the last byte moved either way.
+    let activity = AtomicU64::new(0);
+    let up = direction(
+        &client,
+        &backend,
+        mode,
+        pool,
+        counters.to_backend,
+        &activity,
+        start,
+    );
+    let down = direction(
+        &backend,
+        &client,
+        mode,
+        pool,
+        counters.to_client,
+        &activity,
+        start,
+    );
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    loop {
+        let deadline = start + Duration::from_millis(activity.load(Relaxed)) + idle_timeout;
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => up_done = true,
+                Err(DirError::Source(e)) => return fail(&backend, Outcome::ClientFailed, &e),
+                Err(DirError::Dest(e)) => return fail(&client, Outcome::BackendFailed, &e),
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(DirError::Source(e)) => return fail(&client, Outcome::BackendFailed, &e),
+                Err(DirError::Dest(e)) => return fail(&backend, Outcome::ClientFailed, &e),
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                let idle = start.elapsed().saturating_sub(Duration::from_millis(activity.load(Relaxed)));
+                if idle >= idle_timeout {
+                    return Outcome::IdleTimeout;
+                }
+            }
+            () = force_close.cancelled() => return Outcome::Shutdown,
+        }
+        if up_done && down_done {
+            return Outcome::Closed;
+        }
+    }
+}
+
+/// Arms a reset toward `peer` (sent when the relay drops the sockets) and reports.
+fn fail(peer: &TcpStream, outcome: Outcome, error: &io::Error) -> Outcome {
+    tracing::debug!(?outcome, %error, "relay ended by a failure; resetting the other side");
+    sys::reset_on_close(peer);
+    outcome
+}
+
+/// Moves bytes from `src` to `dst` until EOF on `src`, then passes the FIN on.
+async fn direction(
+    src: &TcpStream,
+    dst: &TcpStream,
+    mode: RelayMode,
+    pool: &PipePool,
+    bytes: &AtomicU64,
+    activity: &AtomicU64,
+    start: Instant,
+) -> Result<(), DirError> {
+    match mode {
+        RelayMode::Splice => splice_until_eof(src, dst, pool, bytes, activity, start).await?,
+        RelayMode::Copy => copy_until_eof(src, dst, bytes, activity, start).await?,
+    }
+    // Every byte read before EOF has been written: pass the half-close on.
+    socket2::SockRef::from(dst)
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(DirError::Dest)
+}
+
+fn touch(activity: &AtomicU64, start: Instant) {
+    activity.store(
+        u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        Relaxed,
+    );
+}
+
+async fn splice_until_eof(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pool: &PipePool,
+    bytes: &AtomicU64,
+    activity: &AtomicU64,
+    start: Instant,
+) -> Result<(), DirError> {
+    loop {
+        src.readable().await.map_err(DirError::Source)?;
+        // Borrow a pipe only once the socket says it has something (data or EOF).
+        let pipe = pool.get().map_err(DirError::Source)?;
+        let moved = src.try_io(Interest::READABLE, || {
+            sys::splice_once(src, &pipe.write, pool.pipe_size())
+        });
+        match moved {
+            Ok(0) => {
+                pool.put(pipe);
+                return Ok(());
+            }
+            Ok(n) => {
+                drain(&pipe, n, dst).await?;
+                pool.put(pipe);
+                bytes.fetch_add(n as u64, Relaxed);
+                touch(activity, start);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => pool.put(pipe),
+            // The pipe is empty: splice moved nothing. Still, a failed pipe is not reused.
+            Err(e) => return Err(DirError::Source(e)),
+        }
+    }
+}
+
+/// Writes the `n` bytes waiting in `pipe` to `dst`.
+async fn drain(pipe: &Pipe, mut n: usize, dst: &TcpStream) -> Result<(), DirError> {
+    while n > 0 {
+        dst.writable().await.map_err(DirError::Dest)?;
+        match dst.try_io(Interest::WRITABLE, || sys::splice_once(&pipe.read, dst, n)) {
+            Ok(m) => n -= m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(DirError::Dest(e)),
+        }
+    }
+    Ok(())
+}
+
+async fn copy_until_eof(
+    src: &TcpStream,
+    dst: &TcpStream,
+    bytes: &AtomicU64,
+    activity: &AtomicU64,
+    start: Instant,
+) -> Result<(), DirError> {
+    // Allocated on first data, so an idle connection holds no buffer.
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        src.readable().await.map_err(DirError::Source)?;
+        if buf.is_empty() {
+            buf = vec![0; COPY_BUF];
+        }
+        let n = match src.try_read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(DirError::Source(e)),
+        };
+        let mut off = 0;
+        while off < n {
+            dst.writable().await.map_err(DirError::Dest)?;
+            match dst.try_write(&buf[off..n]) {
+                Ok(m) => off += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(DirError::Dest(e)),
+            }
+        }
+        bytes.fetch_add(n as u64, Relaxed);
+        touch(activity, start);
+    }
+}

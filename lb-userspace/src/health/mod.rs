@@ -1,0 +1,217 @@
+//! Active health checks: one task per backend, so a hanging backend never delays the checks of
+//! others. Results are counted on consecutive outcomes (not cumulatively): `fall` failures in a
+//! row mark an up backend down, `rise` successes in a row mark a down one up (and end a passive
+//! ejection early). Every change of state is logged with its reason and counted.
+//!
+//! Probes: `tcp` (connect), `http` (GET, status must match), `send_expect` (send bytes, read at
+//! most `max_response` bytes until they contain the expected bytes or match the regex).
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::{Expect, HealthCheckConfig, HealthCheckKind},
+    state::{Backend, Health, Service},
+};
+
+/// Starts the checks of every backend of `service` that has one; they stop with `stop`.
+pub fn spawn(service: &Service, tasks: &TaskTracker, stop: &CancellationToken) {
+    for (backend, config) in service.backends.iter().zip(&service.config.backends) {
+        if let Some(check) = service.config.health_check_for(config) {
+            let name = service.config.name.clone();
+            tasks.spawn(check_loop(name, Arc::clone(backend), check, stop.clone()));
+        }
+    }
+}
+
+/// Checks one backend every `interval` (with jitter) until `stop`.
+async fn check_loop(
+    service: String,
+    backend: Arc<Backend>,
+    check: HealthCheckConfig,
+    stop: CancellationToken,
+) {
+    let target = check.target(backend.address);
+    let (mut successes, mut failures) = (0u32, 0u32);
+    // Start at a random point of the first interval so backends are not probed in lockstep.
+    let mut wait = check.interval.mul_f64(fastrand::f64());
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => return,
+        }
+        wait = jittered(check.interval, check.jitter_percent);
+        let result = match tokio::time::timeout(check.timeout, probe(&check, target)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+        };
+        match result {
+            Ok(()) => {
+                successes = successes.saturating_add(1);
+                failures = 0;
+                if successes >= check.rise.get() {
+                    if backend.health() == Health::Down {
+                        backend.set_health(Health::Up);
+                        backend.health_changes.fetch_add(1, Relaxed);
+                        tracing::info!(service, backend = %backend.address, successes, "backend up: health checks pass");
+                    }
+                    if backend.ejected() {
+                        backend.uneject();
+                        tracing::info!(service, backend = %backend.address, "ejection ended: health checks pass");
+                    }
+                }
+            }
+            Err(why) => {
+                failures = failures.saturating_add(1);
+                successes = 0;
+                if failures >= check.fall.get() && backend.health() == Health::Up {
+                    backend.set_health(Health::Down);
+                    backend.health_changes.fetch_add(1, Relaxed);
+                    tracing::warn!(service, backend = %backend.address, failures, reason = %why, "backend down: health checks fail");
+                } else {
+                    tracing::debug!(service, backend = %backend.address, failures, reason = %why, "health check failed");
+                }
+            }
+        }
+    }
+}
+
+/// `interval` stretched or shrunk at random by up to `percent` %.
+fn jittered(interval: Duration, percent: u8) -> Duration {
+    let spread = f64::from(percent) / 100.0;
+    interval.mul_f64(1.0 + spread * (2.0 * fastrand::f64() - 1.0))
+}
+
+/// One probe; `Err` says why it failed.
+async fn probe(check: &HealthCheckConfig, target: SocketAddr) -> Result<(), String> {
+    let mut stream = TcpStream::connect(target)
+        .await
+        .map_err(|e| format!("connect {target}: {e}"))?;
+    match check.kind {
+        HealthCheckKind::Tcp => Ok(()),
+        HealthCheckKind::Http => {
+            let http = check
+                .http
+                .as_ref()
+                .ok_or("http check without http settings")?;
+            let host = http.host.clone().unwrap_or_else(|| target.to_string());
+            let request = format!(
+                "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-health-check\r\nConnection: close\r\n\r\n",
+                http.path
+            );
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            let head = read_until(&mut stream, 4096, |buf| {
+                buf.windows(2).any(|w| w == b"\r\n")
+            })
+            .await?;
+            let status = parse_status(&head).ok_or_else(|| "not an HTTP response".to_owned())?;
+            if status == http.expect_status {
+                Ok(())
+            } else {
+                Err(format!(
+                    "HTTP status {status}, expected {}",
+                    http.expect_status
+                ))
+            }
+        }
+        HealthCheckKind::SendExpect => {
+            let se = check
+                .send_expect
+                .as_ref()
+                .ok_or("send_expect check without settings")?;
+            if !se.send.is_empty() {
+                stream
+                    .write_all(&se.send)
+                    .await
+                    .map_err(|e| format!("send: {e}"))?;
+            }
+            let matched = |buf: &[u8]| match &se.expect {
+                Expect::Bytes(want) => buf.windows(want.len()).any(|w| w == want.as_slice()),
+                Expect::Regex(re) => re.regex().is_match(buf),
+            };
+            read_until(&mut stream, se.max_response, matched)
+                .await
+                .map(|_| ())
+        }
+    }
+}
+
+/// Reads until `done(buf)`, EOF or `limit` bytes. `Err` unless `done` became true.
+async fn read_until(
+    stream: &mut TcpStream,
+    limit: usize,
+    done: impl Fn(&[u8]) -> bool,
+) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::with_capacity(limit.min(4096));
+    let mut chunk = [0u8; 1024];
+    while buf.len() < limit {
+        let want = chunk.len().min(limit - buf.len());
+        let n = stream
+            .read(&mut chunk[..want])
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if done(&buf) {
+            return Ok(buf);
+        }
+    }
+    Err(format!(
+        "reply did not match after {} bytes: {:?}",
+        buf.len(),
+        String::from_utf8_lossy(&buf[..buf.len().min(64)])
+    ))
+}
+
+/// The status code of an HTTP/1.x status line.
+fn parse_status(head: &[u8]) -> Option<u16> {
+    let line = head.split(|&b| b == b'\r').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let mut parts = line.split(' ');
+    if !parts.next()?.starts_with("HTTP/1.") {
+        return None;
+    }
+    parts.next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\n"), Some(200));
+        assert_eq!(
+            parse_status(b"HTTP/1.0 503 Service Unavailable\r\nX: y"),
+            Some(503)
+        );
+        assert_eq!(parse_status(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(parse_status(b"HTTP/1.1 abc\r\n"), None);
+    }
+
+    #[test]
+    fn jitter_stays_in_bounds() {
+        for _ in 0..1000 {
+            let d = jittered(Duration::from_secs(2), 10);
+            assert!(
+                d >= Duration::from_millis(1800) && d <= Duration::from_millis(2200),
+                "{d:?}"
+            );
+        }
+        assert_eq!(jittered(Duration::from_secs(2), 0), Duration::from_secs(2));
+    }
+}

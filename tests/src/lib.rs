@@ -1,0 +1,85 @@
+//! Shared machinery for lb's end-to-end tests: privilege gates, network namespaces with veth
+//! pairs, and helpers to run the real `lb` binary. The test cases live in `tests/tests/`.
+//!
+//! Map:
+//! - [`lb`]: the daemon under test ([`lb::Lb`]: start from YAML, pid, fd counts, SIGTERM) and a
+//!   YAML builder for the common shapes ([`lb::LbConfig`], [`lb::ServiceSpec`]).
+//! - [`backend`]: backends run by the test: echo, sha256 sink/source, resetting, PROXY-header
+//!   parsing, half-close replier (threads), and a killable one (a child process).
+//! - [`stream`]: pseudo-random byte streams checked byte for byte, sha256 of long streams,
+//!   client helpers with timeouts, bounded waits, the open-files limit.
+//! - [`netns`]: network namespaces and veth pairs (privileged tests).
+//!
+//! Every case runs once per dataplane in [`dataplanes`], through [`for_each_dataplane`], so the
+//! suite is written once and grows with the dataplanes.
+//!
+//! Privileged tests (BPF, netns) need root. Outside root they skip with a message; under
+//! `CI=true` a skip is a failure, so a broken eBPF path can never pass silently.
+
+pub mod backend;
+pub mod lb;
+pub mod netns;
+pub mod stream;
+
+/// Whether a privileged test may run. Prints why not, and panics under `CI=true`.
+pub fn privileged(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(
+        !ci,
+        "{test}: needs root, and CI=true forbids skipping privileged tests"
+    );
+    eprintln!("SKIP {test}: needs root (BPF, network namespaces); run `sudo -E cargo xtask test`");
+    false
+}
+
+/// The dataplanes every end-to-end case runs against, by their `dataplane.mode` spelling.
+///
+/// `LB_TEST_DATAPLANES=proxy,sockmap` narrows (or widens) the list for one run.
+pub fn dataplanes() -> Vec<&'static str> {
+    const ALL: &[&str] = &["proxy"];
+    const KNOWN: &[&str] = &["proxy", "sockmap", "xdp"];
+    match std::env::var("LB_TEST_DATAPLANES") {
+        Ok(list) if !list.trim().is_empty() => list
+            .split(',')
+            .map(str::trim)
+            .map(|name| {
+                *KNOWN
+                    .iter()
+                    .find(|known| **known == name)
+                    .unwrap_or_else(|| {
+                        panic!("LB_TEST_DATAPLANES: unknown dataplane {name:?}; known: {KNOWN:?}")
+                    })
+            })
+            .collect(),
+        _ => ALL.to_vec(),
+    }
+}
+
+/// Whether lb itself holds both sockets of each connection with `dataplane` (proxy, sockmap),
+/// rather than forwarding packets (xdp): what fd and socket counts of lb can show.
+pub fn terminates_tcp(dataplane: &str) -> bool {
+    dataplane != "xdp"
+}
+
+/// Runs `case` once per dataplane in [`dataplanes`]. When a run panics, the panic output is
+/// followed by the dataplane it failed on.
+pub fn for_each_dataplane(mut case: impl FnMut(&'static str)) {
+    for dataplane in dataplanes() {
+        let _context = PanicContext(format!("(this failure is with dataplane `{dataplane}`)"));
+        case(dataplane);
+    }
+}
+
+/// Prints its message if dropped while the thread panics: context for a failure message.
+pub struct PanicContext(pub String);
+
+impl Drop for PanicContext {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.0);
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! lb's developer tasks, the things cargo alone cannot do:
+//! - `cargo xtask setup`: install the eBPF toolchain (LLVM 22, bpf-linker, rust-src), mount bpffs.
+//! - `cargo xtask test`: setup, fmt, clippy (host and eBPF), unit and end-to-end tests.
+//! - `cargo xtask demo`: three demo backends, lb in front, a few hundred connections.
+//! - `cargo xtask bench`: lb side by side with no balancer, HAProxy and nginx.
+
+mod bench;
+mod demo;
+mod setup;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "lb's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent; prints each step and its time).
+    Setup,
+    /// Setup, `cargo fmt --check`, clippy on host crates and lb-ebpf, unit and end-to-end tests.
+    Test {
+        /// Only run tests whose name contains this string (passed to the test harness).
+        filter: Option<String>,
+    },
+    /// Run the demo: three backends, lb in front, traffic spread and a backend failure.
+    Demo,
+    /// Benchmarks side by side with the peers; writes docs/benchmarks.md.
+    Bench {
+        /// Runs per figure (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per load run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Only these figures (comma separated: rr,conn,bulk,rss,relay).
+        #[arg(long)]
+        only: Option<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::setup(),
+        Task::Test { filter } => test(filter.as_deref()),
+        Task::Demo => demo::demo(),
+        Task::Bench {
+            runs,
+            seconds,
+            only,
+        } => bench::bench(runs, seconds, only.as_deref()),
+    }
+}
+
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    use util::{cargo, step};
+    setup::setup()?;
+    step("cargo fmt --check", || {
+        cargo(&["fmt", "--all", "--check"], &[])
+    })?;
+    step("clippy (host crates)", || {
+        cargo(
+            &[
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+            &[],
+        )
+    })?;
+    step("clippy (lb-ebpf, bpfel-unknown-none)", || {
+        cargo(
+            &[
+                "clippy",
+                "-p",
+                "lb-ebpf",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ],
+            &[("RUSTC_BOOTSTRAP", "1")],
+        )
+    })?;
+    step("build lb", || cargo(&["build", "-p", "lb-userspace"], &[]))?;
+    let mut args = vec!["test", "--workspace", "--exclude", "lb-ebpf"];
+    if let Some(f) = filter {
+        args.extend(["--", f]);
+    }
+    step("unit and end-to-end tests", || cargo(&args, &[]))?;
+    Ok(())
+}
