@@ -191,6 +191,7 @@ impl Selector {
     /// a backend is removed. It is validated for every algorithm, so a bad
     /// value is reported when the configuration is loaded rather than when
     /// the algorithm is switched.
+    ///
     /// Keys must be unique. An empty candidate set (or one where every
     /// weight is 0) is valid: every pick then returns `None`.
     pub fn new(
@@ -231,7 +232,8 @@ impl Selector {
     /// candidate is usable (the caller refuses the connection).
     ///
     /// Round robin and weighted round robin advance their state on every
-    /// call that returns `Some`, retries included.
+    /// call that returns `Some`, retries included; that state starts afresh
+    /// whenever the selector is rebuilt.
     pub fn pick(&self, ctx: &PickCtx<'_>) -> Option<usize> {
         let usable = |i: usize| self.weights[i] > 0 && ctx.allows(i);
         match &self.state {
