@@ -63,3 +63,45 @@ pub fn is_fd_exhaustion(e: &io::Error) -> bool {
 pub fn reset_on_close(socket: &impl AsFd) {
     let _ = socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));
 }
+
+/// Drops what the daemon no longer needs once its sockets are bound (and, for eBPF dataplanes,
+/// its programs loaded): switches to `run_as` if given, keeps only `keep` in the permitted,
+/// effective and bounding sets, and sets no_new_privs.
+///
+/// Linux capabilities are per thread: call this before any other thread exists (before the
+/// async runtime starts), so every thread inherits the reduced sets.
+pub fn drop_privileges(run_as: Option<&str>, keep: &[caps::Capability]) -> io::Result<()> {
+    use caps::{CapSet, CapsHashSet};
+    let other = |e: caps::errors::CapsError| io::Error::other(e.to_string());
+    let keep_set: CapsHashSet = keep.iter().copied().collect();
+    if caps::has_cap(None, CapSet::Effective, caps::Capability::CAP_SETPCAP).unwrap_or(false) {
+        for cap in caps::all() {
+            if !keep_set.contains(&cap) {
+                caps::drop(None, CapSet::Bounding, cap).map_err(other)?;
+            }
+        }
+    }
+    if let Some(name) = run_as {
+        let user = nix::unistd::User::from_name(name)
+            .map_err(io::Error::from)?
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("run_as: no user named {name:?}"),
+                )
+            })?;
+        // Keep permitted capabilities across setuid, then restore the effective ones below.
+        nix::sys::prctl::set_keepcaps(true).map_err(io::Error::from)?;
+        nix::unistd::setgroups(&[]).map_err(io::Error::from)?;
+        nix::unistd::setgid(user.gid).map_err(io::Error::from)?;
+        nix::unistd::setuid(user.uid).map_err(io::Error::from)?;
+        nix::sys::prctl::set_keepcaps(false).map_err(io::Error::from)?;
+    }
+    let permitted = caps::read(None, CapSet::Permitted).map_err(other)?;
+    let kept: CapsHashSet = permitted.intersection(&keep_set).copied().collect();
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).map_err(other)?;
+    caps::set(None, CapSet::Effective, &kept).map_err(other)?;
+    caps::set(None, CapSet::Permitted, &kept).map_err(other)?;
+    nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)?;
+    Ok(())
+}

@@ -53,8 +53,9 @@ fn bulk_transfer_both_ways_at_once_is_sha256_exact() {
         let mut writer = client.try_clone().unwrap();
         let upload = std::thread::spawn(move || {
             let mut hasher = StreamHasher::new();
-            let sent = Pattern::new(UP_SEED).send(&mut writer, len, &mut hasher);
-            half_close(&writer);
+            let sent = Pattern::new(UP_SEED)
+                .send(&mut writer, len, &mut hasher)
+                .and_then(|()| writer.shutdown(std::net::Shutdown::Write));
             (sent, hasher.finish())
         });
         let client_got = Pattern::new(DOWN_SEED).receive(&mut &client, len);
@@ -64,7 +65,7 @@ fn bulk_transfer_both_ways_at_once_is_sha256_exact() {
             .expect("the backend reports its side");
         let elapsed = started.elapsed();
 
-        sent.expect("the client sends every byte");
+        sent.expect("the client sends every byte, then its FIN");
         backend_saw
             .sent
             .as_ref()

@@ -101,6 +101,16 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     if let Some(f) = filter {
         args.extend(["--", f]);
     }
-    step("unit and end-to-end tests", || cargo(&args, &[]))?;
+    let started = std::time::Instant::now();
+    let totals = step("unit and end-to-end tests", || util::cargo_test(&args))?;
+    eprintln!(
+        "xtask test: all steps passed; tests took {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    // The last line: one summary over every test binary, for people and for CI.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
     Ok(())
 }

@@ -100,6 +100,8 @@ pub(super) struct RawConfig {
     pub dataplane: Option<RawDataplane>,
     #[serde(default)]
     pub shutdown_timeout: Option<Scalar>,
+    #[serde(default)]
+    pub run_as: Option<Scalar>,
     #[serde(default, deserialize_with = "present")]
     pub services: Option<Vec<RawService>>,
 }
@@ -436,7 +438,13 @@ mod tests {
         );
         assert_eq!(
             keys_of::<RawConfig>(),
-            ["admin", "dataplane", "shutdown_timeout", "services"]
+            [
+                "admin",
+                "dataplane",
+                "shutdown_timeout",
+                "run_as",
+                "services"
+            ]
         );
     }
 

@@ -93,6 +93,7 @@ fn minimal_config_gets_every_default() {
                 },
             },
             shutdown_timeout: secs(30),
+            run_as: None,
             services: vec![ServiceConfig {
                 name: "web".to_owned(),
                 listen: addr("127.0.0.1:8080"),
@@ -354,7 +355,7 @@ fn unknown_key() {
         &["services: []", "servces: []"],
         2,
         1,
-        "unknown key \"servces\" at the top level; expected one of: admin, dataplane, shutdown_timeout, services",
+        "unknown key \"servces\" at the top level; expected one of: admin, dataplane, shutdown_timeout, run_as, services",
     );
 }
 

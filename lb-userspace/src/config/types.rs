@@ -183,6 +183,9 @@ pub struct Config {
     pub dataplane: DataplaneConfig,
     /// How long a stopping daemon lets connections drain before closing them.
     pub shutdown_timeout: Duration,
+    /// The user to switch to once listeners are bound and eBPF is loaded (when started as
+    /// root); `None` = keep the user lb was started as.
+    pub run_as: Option<String>,
     /// In file order; names and listen addresses are unique.
     pub services: Vec<ServiceConfig>,
 }

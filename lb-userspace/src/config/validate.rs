@@ -44,6 +44,22 @@ pub(super) fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     let shutdown_timeout = c
         .duration("shutdown_timeout", raw.shutdown_timeout.as_ref())
         .unwrap_or(Config::DEFAULT_SHUTDOWN_TIMEOUT);
+    let run_as = raw.run_as.as_ref().and_then(|_| {
+        let name = c.text("run_as", raw.run_as.as_ref())?;
+        let valid = !name.is_empty()
+            && name.len() <= 32
+            && name
+                .chars()
+                .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '-')
+            && !name.starts_with('-');
+        if !valid {
+            c.problems.push(Problem::at_value(
+                "run_as",
+                format!("{name:?} is not a user name; use a system user such as nobody or lb"),
+            ));
+        }
+        Some(name)
+    });
     let services = match &raw.services {
         Some(services) => c.services(services, admin.as_ref()),
         None => {
@@ -63,6 +79,7 @@ pub(super) fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             admin,
             dataplane,
             shutdown_timeout,
+            run_as,
             services,
         })
     } else {

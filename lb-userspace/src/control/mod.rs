@@ -24,7 +24,6 @@ use std::{
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use tokio::{
-    net::TcpListener,
     signal::unix::{SignalKind, signal},
     sync::{Mutex, Semaphore},
 };
@@ -41,29 +40,99 @@ use crate::{
 const PIPE_POOL_IDLE: usize = 256;
 const PIPE_SIZE: usize = 64 * 1024;
 
+/// Everything bound and built before the async runtime starts.
+pub struct Prepared {
+    choice: dataplane::Choice,
+    services: Vec<(ServiceConfig, std::net::TcpListener, Service)>,
+    admin: Option<std::net::TcpListener>,
+}
+
 /// Runs the daemon until SIGTERM/SIGINT and the drain that follows.
+///
+/// Everything that needs privileges happens first, on this one thread: bind the listeners and
+/// the admin API (ports below 1024 need CAP_NET_BIND_SERVICE). Then the daemon drops what it no
+/// longer needs (see [`sys::drop_privileges`]), and only then starts the runtime's threads.
 pub fn run_daemon(
     path: PathBuf,
     config: Config,
     workers: Option<NonZeroUsize>,
 ) -> anyhow::Result<()> {
+    match sys::raise_nofile_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-files limit raised"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
+    let prepared = prepare(&config)?;
+    if nix::unistd::geteuid().is_root() {
+        // The proxy keeps one capability: binding ports below 1024 on reload.
+        let keep = [caps::Capability::CAP_NET_BIND_SERVICE];
+        sys::drop_privileges(config.run_as.as_deref(), &keep).context("cannot drop privileges")?;
+        match &config.run_as {
+            Some(user) => tracing::info!(user, kept = ?keep, "privileges dropped"),
+            None => {
+                tracing::info!(kept = ?keep, "capabilities dropped; set run_as to leave root as well")
+            }
+        }
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     if let Some(n) = workers {
         builder.worker_threads(n.get());
     }
     let runtime = builder.build().context("cannot start the async runtime")?;
-    runtime.block_on(run(path, config, shutdown_signal()))
+    runtime.block_on(async {
+        let shutdown = shutdown_signal().context("cannot install signal handlers")?;
+        run(path, config, prepared, shutdown).await
+    })
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
+/// Chooses the dataplane, builds every service and binds every socket: a port in use stops the
+/// start before anything serves.
+pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
+    let choice = dataplane::choose(config.dataplane.mode)?;
+    for (other, why) in &choice.passed_over {
+        tracing::info!(dataplane = %other, "not used: {why}");
     }
+    let mut services = Vec::new();
+    for service in &config.services {
+        let built = Service::build(service.clone(), None)?;
+        if let Some(digest) = built.selector.maglev_digest() {
+            tracing::info!(service = %service.name, digest, "maglev table built");
+        }
+        let listener = proxy::bind(service.listen).with_context(|| {
+            format!(
+                "service {}: cannot listen on {}",
+                service.name, service.listen
+            )
+        })?;
+        services.push((service.clone(), listener, built));
+    }
+    let admin = match &config.admin {
+        Some(admin) => {
+            let l = std::net::TcpListener::bind(admin.listen)
+                .with_context(|| format!("admin: cannot listen on {}", admin.listen))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
+    };
+    Ok(Prepared {
+        choice,
+        services,
+        admin,
+    })
+}
+
+/// Installs the SIGTERM and SIGINT handlers now (before anything listens, so an early signal
+/// still drains) and returns a future that resolves on either.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+        }
+    })
 }
 
 /// One running service.
@@ -132,7 +201,7 @@ impl Daemon {
         &self,
         running: &mut HashMap<String, Running>,
         config: ServiceConfig,
-        listener: Option<TcpListener>,
+        listener: Option<std::net::TcpListener>,
         built: Service,
     ) {
         let name = config.name.clone();
@@ -312,46 +381,20 @@ impl Daemon {
     }
 }
 
-/// The daemon: everything after the config is valid. `shutdown` ends it.
+/// The daemon, from prepared sockets to the end of the drain. `shutdown` ends it.
 pub async fn run(
     path: PathBuf,
     config: Config,
+    prepared: Prepared,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    match sys::raise_nofile_limit() {
-        Ok(limit) => tracing::debug!(limit, "open-files limit raised"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
-    }
-    let choice = dataplane::choose(config.dataplane.mode)?;
-    for (other, why) in &choice.passed_over {
-        tracing::info!(dataplane = %other, "not used: {why}");
-    }
+    let Prepared {
+        choice,
+        services: prepared,
+        admin: admin_listener,
+    } = prepared;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     tracing::info!(dataplane = %choice.kind.as_str(), config = %path.display(), "starting");
-
-    // Build and bind everything before serving anything: a port in use stops the start cleanly.
-    let mut prepared = Vec::new();
-    for service in &config.services {
-        let built = Service::build(service.clone(), None)?;
-        if let Some(digest) = built.selector.maglev_digest() {
-            tracing::info!(service = %service.name, digest, "maglev table built");
-        }
-        let listener = proxy::bind(service.listen).with_context(|| {
-            format!(
-                "service {}: cannot listen on {}",
-                service.name, service.listen
-            )
-        })?;
-        prepared.push((service.clone(), listener, built));
-    }
-    let admin_listener = match &config.admin {
-        Some(admin) => Some(
-            tokio::net::TcpListener::bind(admin.listen)
-                .await
-                .with_context(|| format!("admin: cannot listen on {}", admin.listen))?,
-        ),
-        None => None,
-    };
-
     let shutdown_timeout = config.shutdown_timeout;
     let daemon = Arc::new(Daemon {
         path,
@@ -382,6 +425,7 @@ pub async fn run(
     }
     let stop_admin = CancellationToken::new();
     if let Some(listener) = admin_listener {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         tracing::info!(listen = %listener.local_addr()?, "admin API listening");
         daemon.tasks.spawn(admin::serve(
             listener,
@@ -389,7 +433,6 @@ pub async fn run(
             stop_admin.clone(),
         ));
     }
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -38,8 +38,9 @@ pub struct Shared {
     pub force_close: CancellationToken,
 }
 
-/// Binds a listening socket: SO_REUSEADDR, IPv6 sockets IPv6-only, backlog 1024.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// Binds a listening socket: SO_REUSEADDR, IPv6 sockets IPv6-only, backlog 1024, non-blocking
+/// (ready for [`serve`]). Plain std so it can be bound before the async runtime starts.
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
@@ -49,18 +50,25 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Accepts on `listener` until `stop` fires, at most `slots` connections at once. Never dies on one connection's error; backs off
 /// when file descriptors run out instead of spinning.
 pub async fn serve(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     service: Arc<ArcSwap<Service>>,
     slots: Arc<Semaphore>,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register the listener");
+            return;
+        }
+    };
     loop {
         let permit = tokio::select! {
             p = Arc::clone(&slots).acquire_owned() => p.expect("semaphore never closed"),
