@@ -1,0 +1,82 @@
+//! Limits of one connection and of a service: `idle_timeout` closes a connection with no bytes
+//! either way (and only such a one), and over `max_connections` new clients wait in the backlog
+//! until a slot frees. Every case runs once per dataplane.
+
+use std::time::{Duration, Instant};
+
+use lb_tests::{
+    backend::Backend,
+    for_each_dataplane,
+    lb::{LbConfig, ServiceSpec},
+    stream::{End, connect, drain_until_end, echo_round_trip},
+};
+
+#[test]
+fn idle_timeout_closes_idle_connections_but_not_busy_ones() {
+    for_each_dataplane(|dataplane| {
+        let backend = Backend::echo();
+        let lb = LbConfig::new(
+            dataplane,
+            vec![ServiceSpec::new("idle", &[backend.addr()]).idle_timeout("1s")],
+        )
+        .start();
+        let mut idle = connect(lb.addr());
+        let mut busy = connect(lb.addr());
+        echo_round_trip(&mut idle, b"hello").unwrap();
+        // The busy connection talks every 300 ms for 2.4 s: never idle for 1 s.
+        let start = Instant::now();
+        for i in 0..8 {
+            std::thread::sleep(Duration::from_millis(300));
+            echo_round_trip(&mut busy, format!("tick {i}").as_bytes()).unwrap_or_else(|e| {
+                panic!(
+                    "a busy connection was closed after {:?}: {e}",
+                    start.elapsed()
+                )
+            });
+        }
+        // By now the idle one has been closed (1 s of silence, checked within the relay's timer).
+        let (end, bytes) = drain_until_end(&mut idle, Duration::from_secs(3));
+        assert!(
+            matches!(end, End::Eof | End::Reset),
+            "idle connection not closed: {end:?}"
+        );
+        assert_eq!(bytes, 0);
+        echo_round_trip(&mut busy, b"still here").unwrap();
+    });
+}
+
+#[test]
+fn over_max_connections_clients_wait_until_a_slot_frees() {
+    for_each_dataplane(|dataplane| {
+        let backend = Backend::echo();
+        let lb = LbConfig::new(
+            dataplane,
+            vec![ServiceSpec::new("max", &[backend.addr()]).max_connections(2)],
+        )
+        .start();
+        let mut a = connect(lb.addr());
+        let mut b = connect(lb.addr());
+        echo_round_trip(&mut a, b"a").unwrap();
+        echo_round_trip(&mut b, b"b").unwrap();
+        // The third connect completes in the kernel's backlog, but lb does not accept it: its
+        // bytes get no answer while two connections are open.
+        let mut c = connect(lb.addr());
+        c.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        std::io::Write::write_all(&mut c, b"c").unwrap();
+        let mut buf = [0u8; 1];
+        let waited = std::io::Read::read(&mut c, &mut buf);
+        assert!(
+            waited.is_err(),
+            "a third connection was served over max_connections 2: {waited:?}"
+        );
+        assert_eq!(backend.accepted(), 2, "the backend saw a third connection");
+        // Freeing a slot lets it through, with the byte it sent while waiting.
+        drop(a);
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        std::io::Read::read_exact(&mut c, &mut buf)
+            .expect("the waiting client was not served after a slot freed");
+        assert_eq!(&buf, b"c");
+        echo_round_trip(&mut b, b"b again").unwrap();
+    });
+}
