@@ -521,7 +521,7 @@ impl LbConfig {
         for s in &self.services {
             let listen = s.listen.expect("listen address chosen");
             let _ = writeln!(y, "  - name: {}", s.name);
-            let _ = writeln!(y, "    listen: {listen}");
+            let _ = writeln!(y, "    listen: \"{listen}\"");
             let _ = writeln!(y, "    algorithm: {}", s.algorithm);
             let _ = writeln!(y, "    connect_timeout: {}", s.connect_timeout);
             let _ = writeln!(y, "    retries: {}", s.retries);
@@ -532,7 +532,7 @@ impl LbConfig {
             }
             y.push_str("    backends:\n");
             for b in &s.backends {
-                let _ = writeln!(y, "      - address: {b}\n        weight: 1");
+                let _ = writeln!(y, "      - address: \"{b}\"\n        weight: 1");
             }
         }
         y
