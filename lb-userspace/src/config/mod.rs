@@ -106,10 +106,20 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             .lines()
             .nth(pos.line.wrapping_sub(1))
             .and_then(|l| l.chars().nth(pos.column.wrapping_sub(1)));
+        let line = text
+            .lines()
+            .nth(pos.line.wrapping_sub(1))
+            .unwrap_or_default();
         if at == Some('\t') {
             fail(
                 pos,
                 &format!("{message} (a tab: YAML indents with spaces only)"),
+            )
+        } else if line.contains(": [") && line.contains("]:") {
+            // `listen: [::1]:8080` reads as the start of a YAML list.
+            fail(
+                pos,
+                &format!("{message} (quote IPv6 addresses: \"[::1]:8080\")"),
             )
         } else {
             fail(pos, message)

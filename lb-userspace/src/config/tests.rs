@@ -1246,3 +1246,12 @@ fn demo_yaml_is_what_the_demo_expects() {
     );
     assert_eq!(demo.retries, 2);
 }
+
+#[test]
+fn unquoted_ipv6_addresses_get_a_hint() {
+    let text = "services:\n  - name: a\n    listen: [::1]:8080\n    backends:\n      - address: 127.0.0.1:1\n";
+    let errors = parse(text, "v6.yaml").unwrap_err();
+    let first = errors.0[0].to_string();
+    assert!(first.starts_with("v6.yaml:3:"), "{first}");
+    assert!(first.contains("quote IPv6 addresses"), "{first}");
+}
