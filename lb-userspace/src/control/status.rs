@@ -45,6 +45,11 @@ fn get(admin: &str, path: &str) -> anyhow::Result<String> {
     Ok(body.to_owned())
 }
 
+/// A number for a table cell ("?" when absent), so column widths apply.
+fn num(v: &Value) -> String {
+    v.as_u64().map_or_else(|| "?".to_owned(), |n| n.to_string())
+}
+
 /// The table: one block per service, one row per backend.
 pub fn render(status: &Value) -> String {
     let mut out = format!(
@@ -53,10 +58,11 @@ pub fn render(status: &Value) -> String {
     );
     for service in status["services"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "\nservice {}  listen {}  algorithm {}\n",
+            "\nservice {}  listen {}  algorithm {}{}\n",
             service["name"].as_str().unwrap_or("?"),
             service["listen"].as_str().unwrap_or("?"),
             service["algorithm"].as_str().unwrap_or("?"),
+            service["table_digest"].as_str().map(|d| format!("  table {d}")).unwrap_or_default(),
         ));
         out.push_str(&format!(
             "  {:<40} {:>6} {:<9} {:>8} {:>12} {:>14} {:>14}\n",
@@ -66,14 +72,45 @@ pub fn render(status: &Value) -> String {
             out.push_str(&format!(
                 "  {:<40} {:>6} {:<9} {:>8} {:>12} {:>14} {:>14}\n",
                 b["address"].as_str().unwrap_or("?"),
-                b["weight"],
+                num(&b["weight"]),
                 b["state"].as_str().unwrap_or("?"),
-                b["active_connections"],
-                b["connections_total"],
-                b["bytes_to_backend"],
-                b["bytes_to_client"],
+                num(&b["active_connections"]),
+                num(&b["connections_total"]),
+                num(&b["bytes_to_backend"]),
+                num(&b["bytes_to_client"]),
             ));
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_aligned_rows() {
+        let status = serde_json::json!({
+            "dataplane": "proxy",
+            "services": [{"name": "web", "listen": "127.0.0.1:8080", "algorithm": "maglev", "table_digest": "ab12",
+                "backends": [{"address": "127.0.0.1:9001", "weight": 3, "state": "up", "active_connections": 1,
+                    "connections_total": 12, "bytes_to_backend": 100, "bytes_to_client": 2000}]}]
+        });
+        let table = render(&status);
+        assert!(
+            table.contains("service web  listen 127.0.0.1:8080  algorithm maglev  table ab12"),
+            "{table}"
+        );
+        let row = table
+            .lines()
+            .find(|l| l.contains("127.0.0.1:9001"))
+            .unwrap();
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cells,
+            ["127.0.0.1:9001", "3", "up", "1", "12", "100", "2000"]
+        );
+        let header = table.lines().find(|l| l.contains("BACKEND")).unwrap();
+        assert_eq!(header.len(), row.len(), "columns line up:\n{header}\n{row}");
+    }
 }
