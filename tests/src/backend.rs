@@ -38,7 +38,33 @@ struct Shared {
 impl Backend {
     /// Listens (backlog 4096) and serves each connection with `handler`.
     pub fn spawn(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Backend {
-        let listener = listen_any_port();
+        Backend::serve(listen_any_port(), handler)
+    }
+
+    /// Like [`Backend::spawn`], on `addr` (SO_REUSEADDR): a backend that can be stopped and
+    /// started again on the same address.
+    pub fn spawn_at(
+        addr: SocketAddr,
+        handler: impl Fn(TcpStream) + Send + Sync + 'static,
+    ) -> io::Result<Backend> {
+        Ok(Backend::serve(listen_at(addr)?, handler))
+    }
+
+    /// [`Backend::echo`] on `addr`.
+    pub fn echo_at(addr: SocketAddr) -> io::Result<Backend> {
+        Backend::spawn_at(addr, echo_handler)
+    }
+
+    /// Stops listening (the port refuses connects from now on) while the connections it has
+    /// go on; the address can then be listened on again.
+    pub fn stop_listening(&mut self) {
+        self.stop_accepting();
+    }
+
+    fn serve(
+        listener: TcpListener,
+        handler: impl Fn(TcpStream) + Send + Sync + 'static,
+    ) -> Backend {
         let addr = listener.local_addr().expect("local_addr");
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -94,22 +120,7 @@ impl Backend {
 
     /// Echoes every byte; on EOF, half-closes back and ends.
     pub fn echo() -> Backend {
-        Backend::spawn(|mut s| {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        if s.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return,
-                }
-            }
-            let _ = s.shutdown(Shutdown::Write);
-        })
+        Backend::spawn(echo_handler)
     }
 
     /// Reads the request to EOF, then replies with its bytes reversed and closes: a backend
@@ -236,6 +247,33 @@ impl Drop for Backend {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Echoes every byte; on EOF, half-closes back.
+fn echo_handler(mut s: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+fn listen_at(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
 }
 
 fn listen_any_port() -> TcpListener {

@@ -9,6 +9,9 @@
 //! - [`stream`]: pseudo-random byte streams checked byte for byte, sha256 of long streams,
 //!   client helpers with timeouts, bounded waits, the open-files limit.
 //! - [`netns`]: network namespaces and veth pairs (privileged tests).
+//! - [`admin`]: lb with an admin API ([`admin::AdminLb`]), configs with weights, health checks
+//!   and tokens (YAML edits), `/status` as JSON, `/metrics` parsed as Prometheus text.
+//! - [`load`]: steady client load (echo exchanges), counting failures.
 //!
 //! Every case runs once per dataplane in [`dataplanes`], through [`for_each_dataplane`], so the
 //! suite is written once and grows with the dataplanes.
@@ -16,8 +19,10 @@
 //! Privileged tests (BPF, netns) need root. Outside root they skip with a message; under
 //! `CI=true` a skip is a failure, so a broken eBPF path can never pass silently.
 
+pub mod admin;
 pub mod backend;
 pub mod lb;
+pub mod load;
 pub mod netns;
 pub mod stream;
 

@@ -244,6 +244,26 @@ pub fn try_connect(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(socket.into())
 }
 
+/// Like [`try_connect`], from `source` (any port): on loopback, 127.0.0.2, 127.0.0.3, ... are
+/// other client addresses as the server sees them.
+pub fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+    connect_bound(SocketAddr::new(source, 0), addr)
+}
+
+/// Like [`try_connect`], from `source` exactly (SO_REUSEADDR, so a port whose earlier
+/// connection is in TIME_WAIT can connect elsewhere): the same client address, again.
+pub fn connect_bound(source: SocketAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_read_timeout(Some(IO_TIMEOUT))?;
+    socket.set_write_timeout(Some(IO_TIMEOUT))?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&source.into())?;
+    socket.connect_timeout(&addr.into(), IO_TIMEOUT)?;
+    Ok(socket.into())
+}
+
 /// Reads exactly `len` bytes, or fails saying how many came and how the stream ended.
 pub fn read_exactly(stream: &mut TcpStream, len: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0; len];
