@@ -1,18 +1,41 @@
-//! The XDP dataplane's userspace half: the one owner of the loaded XDP object.
+//! The XDP dataplane's userspace half: the one owner of the loaded XDP object and its maps.
 //!
-//! It loads the program embedded at build time, pins its maps under `pin_path` (reusing maps
-//! already pinned there, so counters and, later, the flow table survive a restart), attaches
-//! the program to a NIC (native first, generic as a fallback) and reads the per-CPU counters.
-//! Dropping an [`XdpDataplane`] detaches the program; pinned maps stay for bpftool.
+//! It loads the program embedded at build time, pins its maps under `pin_path` (reusing a
+//! set already pinned there, so counters and the flow table survive a restart), attaches
+//! the program to a NIC (native first, generic as a fallback), programs services, backends
+//! and Maglev tables, and reads the per-CPU counters. Dropping an [`XdpDataplane`] detaches
+//! the program; pinned maps stay for bpftool and for the next start.
+//!
+//! No other module sees a map name or an `lb_common` struct: callers speak of VIPs
+//! (`SocketAddr`), backend ids, forwarding modes and tables of backend ids.
+//!
+//! Pinned map sets carry their layout in `LB_META` (layout version and sizes). A set of
+//! another layout is refused with [`XdpError::Layout`] unless the load asks for `fresh`,
+//! which removes the old pins (and the flows in them) first. A failed load removes the
+//! pins it created and leaves older ones alone.
+//!
+//! Kernel behaviour the callers rely on (see `lb-ebpf`):
+//! - a flow stays on its backend while the backend is up, whatever the tables do;
+//! - a flow whose backend is down or removed is placed again, like a new one, on its next
+//!   packet;
+//! - a new flow starts at the slot the daemon's Maglev lookup starts at (the same SipHash
+//!   of the client) and walks at most 16 slots to the first backend that is up.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray},
     programs::{ProgramError, Xdp, XdpMode},
 };
-use lb_common::{XdpAction, XdpCounter, names};
+use lb_common::{
+    BACKEND_UP, Backend, CFG_NAT_REPLIES, DropReason, Event, FAMILY_V4, FAMILY_V6, Flow, FlowKey,
+    LAYOUT_VERSION, LbConfig, LbMeta, NatReply, PROTO_TCP, SVC_DSR, SVC_HASH_PORT, Service,
+    ServiceKey, VipInfo, VipKey, XdpAction, XdpCounter, names,
+};
+
+use crate::config::Forwarding;
 
 /// How the program was, or should be, attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,11 +64,60 @@ impl std::fmt::Display for AttachMode {
     }
 }
 
+/// What the client hash of a service covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientHash {
+    /// Client ip and port (`maglev`).
+    IpPort,
+    /// Client ip only (`source_hash`): every connection of a client lands together.
+    Ip,
+}
+
+/// Sizes of the map set, fixed when it is created (and checked when a pinned set is
+/// reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XdpOptions {
+    /// Slots reserved per service in the Maglev map: the largest table size of any service.
+    pub maglev_stride: u32,
+    /// Services (VIP:port pairs); service ids are `0..max_services`.
+    pub max_services: u32,
+    /// Backend ids are `0..max_backends`.
+    pub max_backends: u32,
+    /// Entries of the flow table and of the NAT reply table (LRU: the least recently used
+    /// flows are forgotten when it is full).
+    pub flow_table_size: u32,
+    /// Remove a pinned map set of another layout or other sizes instead of refusing it.
+    pub fresh: bool,
+}
+
+impl Default for XdpOptions {
+    fn default() -> Self {
+        Self {
+            maglev_stride: 65_537,
+            max_services: 16,
+            max_backends: 4096,
+            flow_table_size: 1 << 20,
+            fresh: false,
+        }
+    }
+}
+
 /// Errors of the XDP dataplane.
 #[derive(Debug, thiserror::Error)]
 pub enum XdpError {
     #[error("cannot create the pin directory {path}")]
     PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the maps pinned in {pin_dir} have another layout ({why}); refusing to reuse them. \
+         Start fresh to remove them (established flows are forgotten)"
+    )]
+    Layout { pin_dir: PathBuf, why: String },
+    #[error("cannot remove the pinned map {path}")]
+    Unpin {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -77,14 +149,80 @@ pub enum XdpError {
     Map {
         name: &'static str,
         #[source]
-        source: Box<aya::maps::MapError>,
+        source: Box<MapError>,
     },
+    #[error("{what} {value} is out of range (at most {max})")]
+    OutOfRange {
+        what: &'static str,
+        value: u64,
+        max: u64,
+    },
+    #[error("service id {id} is already used by {other}")]
+    ServiceIdInUse { id: u32, other: SocketAddr },
 }
+
+/// Packets by verdict, drops by reason and flow events, each summed over all CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct XdpCounters {
+    pub packets: Vec<(XdpAction, XdpCounter)>,
+    pub drops: Vec<(DropReason, u64)>,
+    pub events: Vec<(Event, u64)>,
+}
+
+impl XdpCounters {
+    /// Packets and bytes that got `action`.
+    pub fn packets(&self, action: XdpAction) -> XdpCounter {
+        self.packets
+            .iter()
+            .find(|(a, _)| *a == action)
+            .map_or_else(XdpCounter::default, |(_, c)| *c)
+    }
+
+    /// Packets dropped for `reason`.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// How often `event` happened.
+    pub fn event(&self, event: Event) -> u64 {
+        self.events
+            .iter()
+            .find(|(e, _)| *e == event)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// Every map of the object, in the order they are checked and unpinned.
+const MAP_NAMES: [&str; 11] = [
+    names::XDP_STATS,
+    names::XDP_DROPS,
+    names::XDP_EVENTS,
+    names::LB_VIPS,
+    names::LB_SERVICES,
+    names::LB_BACKENDS,
+    names::LB_MAGLEV,
+    names::LB_FLOWS,
+    names::LB_NAT_REV,
+    names::LB_CONFIG,
+    names::LB_META,
+];
 
 /// The loaded XDP object, its typed maps and, once attached, its link.
 pub struct XdpDataplane {
     ebpf: Ebpf,
     stats: PerCpuArray<MapData, XdpCounter>,
+    drops: PerCpuArray<MapData, u64>,
+    events: PerCpuArray<MapData, u64>,
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    services: HashMap<MapData, ServiceKey, Service>,
+    backends: Array<MapData, Backend>,
+    maglev: Array<MapData, u32>,
+    flows: HashMap<MapData, FlowKey, Flow>,
+    config: Array<MapData, LbConfig>,
+    meta: LbMeta,
     pin_dir: PathBuf,
     attached: Option<(String, AttachMode)>,
 }
@@ -93,14 +231,39 @@ pub struct XdpDataplane {
 static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
 
 impl XdpDataplane {
-    /// Loads the XDP object, pinning (or reusing) its maps under `pin_dir`.
-    pub fn load(pin_dir: &Path) -> Result<Self, XdpError> {
+    /// Loads the XDP object, pinning its maps under `pin_dir` or reusing the set pinned
+    /// there if it has this layout and these sizes.
+    pub fn load(pin_dir: &Path, options: &XdpOptions) -> Result<Self, XdpError> {
         create_pin_dir(pin_dir)?;
-        let stats_pin = pin_dir.join(names::XDP_STATS);
-        let mut ebpf = EbpfLoader::new()
-            .map_pin_path(names::XDP_STATS, stats_pin.as_path())
-            .load(XDP_OBJECT)
-            .map_err(|e| XdpError::Load(Box::new(e)))?;
+        let meta = LbMeta {
+            version: LAYOUT_VERSION,
+            maglev_stride: options.maglev_stride,
+            max_services: options.max_services,
+            max_backends: options.max_backends,
+            flow_table_size: options.flow_table_size,
+            _pad: 0,
+        };
+        let maglev_entries = u64::from(meta.maglev_stride) * u64::from(meta.max_services);
+        let maglev_entries = u32::try_from(maglev_entries).map_err(|_| XdpError::OutOfRange {
+            what: "maglev_stride * max_services",
+            value: maglev_entries,
+            max: u64::from(u32::MAX),
+        })?;
+        let existing = check_layout(pin_dir, &meta, options.fresh)?;
+        let loaded = load_object(pin_dir, &meta, maglev_entries);
+        let result = loaded.and_then(|ebpf| Self::take_maps(ebpf, pin_dir, meta));
+        if result.is_err() {
+            // Leave the directory as it was: remove only the pins this attempt created.
+            for name in MAP_NAMES {
+                if !existing.contains(&name) {
+                    let _ = std::fs::remove_file(pin_dir.join(name));
+                }
+            }
+        }
+        result
+    }
+
+    fn take_maps(mut ebpf: Ebpf, pin_dir: &Path, meta: LbMeta) -> Result<Self, XdpError> {
         let program: &mut Xdp = ebpf
             .program_mut(names::XDP_PROG)
             .ok_or(XdpError::Missing {
@@ -110,20 +273,26 @@ impl XdpDataplane {
             .try_into()
             .map_err(|e| XdpError::Program(Box::new(e)))?;
         program.load().map_err(|e| XdpError::Program(Box::new(e)))?;
-        let stats = ebpf.take_map(names::XDP_STATS).ok_or(XdpError::Missing {
-            what: "map",
-            name: names::XDP_STATS,
-        })?;
-        let stats = PerCpuArray::try_from(stats).map_err(|e| XdpError::Map {
-            name: names::XDP_STATS,
-            source: Box::new(e),
-        })?;
-        Ok(Self {
+        let mut meta_map: Array<MapData, LbMeta> = take(&mut ebpf, names::LB_META)?;
+        meta_map.set(0, meta, 0).map_err(map_err(names::LB_META))?;
+        let mut dataplane = Self {
+            stats: take(&mut ebpf, names::XDP_STATS)?,
+            drops: take(&mut ebpf, names::XDP_DROPS)?,
+            events: take(&mut ebpf, names::XDP_EVENTS)?,
+            vips: take(&mut ebpf, names::LB_VIPS)?,
+            services: take(&mut ebpf, names::LB_SERVICES)?,
+            backends: take(&mut ebpf, names::LB_BACKENDS)?,
+            maglev: take(&mut ebpf, names::LB_MAGLEV)?,
+            flows: take(&mut ebpf, names::LB_FLOWS)?,
+            config: take(&mut ebpf, names::LB_CONFIG)?,
             ebpf,
-            stats,
+            meta,
             pin_dir: pin_dir.to_owned(),
             attached: None,
-        })
+        };
+        // A reused set may predate the last service change: derive the flags again.
+        dataplane.sync_config_flags()?;
+        Ok(dataplane)
     }
 
     /// Attaches to `interface`: in `mode`, or native then generic when `mode` is `None`.
@@ -133,15 +302,7 @@ impl XdpDataplane {
         interface: &str,
         mode: Option<AttachMode>,
     ) -> Result<AttachMode, XdpError> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(names::XDP_PROG)
-            .ok_or(XdpError::Missing {
-                what: "program",
-                name: names::XDP_PROG,
-            })?
-            .try_into()
-            .map_err(|e| XdpError::Program(Box::new(e)))?;
+        let program = self.program_mut()?;
         let took = match mode {
             Some(mode) => {
                 program
@@ -173,18 +334,242 @@ impl XdpDataplane {
         Ok(took)
     }
 
-    /// Packets and bytes by verdict, summed over all CPUs.
-    pub fn counters(&self) -> Result<Vec<(XdpAction, XdpCounter)>, XdpError> {
-        XdpAction::ALL
+    fn program_mut(&mut self) -> Result<&mut Xdp, XdpError> {
+        self.ebpf
+            .program_mut(names::XDP_PROG)
+            .ok_or(XdpError::Missing {
+                what: "program",
+                name: names::XDP_PROG,
+            })?
+            .try_into()
+            .map_err(|e| XdpError::Program(Box::new(e)))
+    }
+
+    /// The source MAC of forwarded frames. Until it is set, the program uses the destination
+    /// MAC of the frame it received (the interface's own, for frames addressed to it).
+    pub fn set_interface_mac(&mut self, mac: [u8; 6]) -> Result<(), XdpError> {
+        let mut cfg = self.config_value()?;
+        cfg.iface_mac = mac;
+        self.config
+            .set(0, cfg, 0)
+            .map_err(map_err(names::LB_CONFIG))
+    }
+
+    /// Adds or changes backend `id`: where it is (`addr`, for NAT), the MAC frames to it are
+    /// sent to (its own or its next hop's), and whether it takes traffic. A backend that
+    /// goes down loses its flows: each is placed again on its next packet.
+    pub fn set_backend(
+        &mut self,
+        id: u32,
+        addr: SocketAddr,
+        mac: [u8; 6],
+        up: bool,
+    ) -> Result<(), XdpError> {
+        self.check_backend_id(id)?;
+        let (addr_bytes, family) = ip_bytes(addr.ip());
+        let backend = Backend {
+            addr: addr_bytes,
+            port_be: addr.port().to_be(),
+            mac,
+            flags: if up { BACKEND_UP } else { 0 },
+            family,
+            _pad: [0; 2],
+        };
+        self.backends
+            .set(id, backend, 0)
+            .map_err(map_err(names::LB_BACKENDS))
+    }
+
+    /// Removes backend `id`: its flows are placed again on their next packet. Tables that
+    /// still name it skip it like a backend that is down.
+    pub fn remove_backend(&mut self, id: u32) -> Result<(), XdpError> {
+        self.check_backend_id(id)?;
+        self.backends
+            .set(id, Backend::default(), 0)
+            .map_err(map_err(names::LB_BACKENDS))
+    }
+
+    fn check_backend_id(&self, id: u32) -> Result<(), XdpError> {
+        if id >= self.meta.max_backends {
+            return Err(XdpError::OutOfRange {
+                what: "backend id",
+                value: id.into(),
+                max: u64::from(self.meta.max_backends) - 1,
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds or changes the service at `vip` (TCP): its `id` (which picks its segment of the
+    /// Maglev map), forwarding, client hash, and Maglev table (one backend id per slot; the
+    /// same bytes on every instance make every instance pick alike). An empty table drops
+    /// new flows (`no_backend`). Established flows keep their backends.
+    ///
+    /// The table is written slot by slot before the service points at it, so a new service
+    /// never sees a partial table; while an existing service's table is rewritten, a new
+    /// flow may get a slot's old or new owner, both valid choices.
+    pub fn set_service(
+        &mut self,
+        vip: SocketAddr,
+        id: u32,
+        forwarding: Forwarding,
+        hash: ClientHash,
+        table: &[u32],
+    ) -> Result<(), XdpError> {
+        if id >= self.meta.max_services {
+            return Err(XdpError::OutOfRange {
+                what: "service id",
+                value: id.into(),
+                max: u64::from(self.meta.max_services) - 1,
+            });
+        }
+        if table.len() > self.meta.maglev_stride as usize {
+            return Err(XdpError::OutOfRange {
+                what: "Maglev table size",
+                value: table.len() as u64,
+                max: self.meta.maglev_stride.into(),
+            });
+        }
+        if let Some(&bad) = table.iter().find(|&&b| b >= self.meta.max_backends) {
+            self.check_backend_id(bad)?;
+        }
+        let key = service_key(vip);
+        for other in self.services.iter() {
+            let (other_key, other_service) = other.map_err(map_err(names::LB_SERVICES))?;
+            if other_service.id == id && other_key != key {
+                return Err(XdpError::ServiceIdInUse {
+                    id,
+                    other: key_addr(&other_key),
+                });
+            }
+        }
+        let table_off = id * self.meta.maglev_stride;
+        for (slot, &backend) in table.iter().enumerate() {
+            self.maglev
+                .set(table_off + slot as u32, backend, 0)
+                .map_err(map_err(names::LB_MAGLEV))?;
+        }
+        let mut flags = 0;
+        if forwarding == Forwarding::Dsr {
+            flags |= SVC_DSR;
+        }
+        if hash == ClientHash::IpPort {
+            flags |= SVC_HASH_PORT;
+        }
+        let service = Service {
+            id,
+            flags,
+            table_off,
+            table_size: table.len() as u32,
+        };
+        self.services
+            .insert(key, service, 0)
+            .map_err(map_err(names::LB_SERVICES))?;
+        self.sync_vip(vip.ip())?;
+        self.sync_config_flags()
+    }
+
+    /// Removes the service at `vip`. Its packets pass to the local stack from now on.
+    pub fn remove_service(&mut self, vip: SocketAddr) -> Result<(), XdpError> {
+        match self.services.remove(&service_key(vip)) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(names::LB_SERVICES)(e)),
+        }
+        self.sync_vip(vip.ip())?;
+        self.sync_config_flags()
+    }
+
+    /// Recounts the services on `ip` into the VIP address map.
+    fn sync_vip(&mut self, ip: IpAddr) -> Result<(), XdpError> {
+        let (addr, family) = ip_bytes(ip);
+        let mut services = 0;
+        for entry in self.services.keys() {
+            let key = entry.map_err(map_err(names::LB_SERVICES))?;
+            if key.addr == addr && key.family == family {
+                services += 1;
+            }
+        }
+        let key = VipKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        };
+        let result = if services == 0 {
+            match self.vips.remove(&key) {
+                Err(MapError::KeyNotFound) => Ok(()),
+                other => other,
+            }
+        } else {
+            self.vips.insert(key, VipInfo { services }, 0)
+        };
+        result.map_err(map_err(names::LB_VIPS))
+    }
+
+    /// Sets `CFG_NAT_REPLIES` exactly when some service uses NAT.
+    fn sync_config_flags(&mut self) -> Result<(), XdpError> {
+        let mut nat = false;
+        for entry in self.services.iter() {
+            let (_, service) = entry.map_err(map_err(names::LB_SERVICES))?;
+            nat |= service.flags & SVC_DSR == 0;
+        }
+        let mut cfg = self.config_value()?;
+        let flags = if nat {
+            cfg.flags | CFG_NAT_REPLIES
+        } else {
+            cfg.flags & !CFG_NAT_REPLIES
+        };
+        if flags != cfg.flags {
+            cfg.flags = flags;
+            self.config
+                .set(0, cfg, 0)
+                .map_err(map_err(names::LB_CONFIG))?;
+        }
+        Ok(())
+    }
+
+    fn config_value(&self) -> Result<LbConfig, XdpError> {
+        self.config.get(&0, 0).map_err(map_err(names::LB_CONFIG))
+    }
+
+    /// Flows in the flow table (walks the table: O(flows) syscalls).
+    pub fn flow_count(&self) -> Result<usize, XdpError> {
+        let mut count = 0;
+        for key in self.flows.keys() {
+            key.map_err(map_err(names::LB_FLOWS))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// The backend id the flow `client -> vip` is placed on, if the flow table has it.
+    pub fn lookup(&self, client: SocketAddr, vip: SocketAddr) -> Result<Option<u32>, XdpError> {
+        let (src_addr, family) = ip_bytes(client.ip());
+        let (dst_addr, _) = ip_bytes(vip.ip());
+        let key = FlowKey {
+            src_addr,
+            dst_addr,
+            src_port_be: client.port().to_be(),
+            dst_port_be: vip.port().to_be(),
+            proto: PROTO_TCP,
+            family,
+            _pad: [0; 2],
+        };
+        match self.flows.get(&key, 0) {
+            Ok(flow) => Ok(Some(flow.backend_id)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(names::LB_FLOWS)(e)),
+        }
+    }
+
+    /// Packets and bytes by verdict, drops by reason and flow events, summed over all CPUs.
+    pub fn counters(&self) -> Result<XdpCounters, XdpError> {
+        let packets = XdpAction::ALL
             .iter()
             .map(|&action| {
                 let per_cpu = self
                     .stats
                     .get(&(action as u32), 0)
-                    .map_err(|e| XdpError::Map {
-                        name: names::XDP_STATS,
-                        source: Box::new(e),
-                    })?;
+                    .map_err(map_err(names::XDP_STATS))?;
                 let sum = per_cpu
                     .iter()
                     .fold(XdpCounter::default(), |acc, c| XdpCounter {
@@ -193,7 +578,64 @@ impl XdpDataplane {
                     });
                 Ok((action, sum))
             })
-            .collect()
+            .collect::<Result<_, XdpError>>()?;
+        let drops = DropReason::ALL
+            .iter()
+            .map(|&reason| {
+                Ok((
+                    reason,
+                    sum_u64(&self.drops, reason as u32, names::XDP_DROPS)?,
+                ))
+            })
+            .collect::<Result<_, XdpError>>()?;
+        let events = Event::ALL
+            .iter()
+            .map(|&event| {
+                Ok((
+                    event,
+                    sum_u64(&self.events, event as u32, names::XDP_EVENTS)?,
+                ))
+            })
+            .collect::<Result<_, XdpError>>()?;
+        Ok(XdpCounters {
+            packets,
+            drops,
+            events,
+        })
+    }
+
+    /// Runs the program on `frame` `repeat` times without attaching it (BPF_PROG_TEST_RUN):
+    /// the verdict, the frame as the program left it, and the mean time per run. With
+    /// `repeat > 1` each run sees the previous run's output.
+    pub fn run_frame(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Vec<u8>, std::time::Duration), XdpError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let mut out = vec![0u8; frame.len() + 256];
+        let program = self.program_mut()?;
+        // A long run is cut short (EINTR) when a signal arrives; the runs already made were
+        // of the same frame, so running again only adds to the counters.
+        let mut attempts = 0;
+        let result = loop {
+            let result = program.test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..TestRunOptions::default()
+            });
+            match result {
+                Err(ProgramError::SyscallError(e))
+                    if e.io_error.kind() == std::io::ErrorKind::Interrupted && attempts < 10 =>
+                {
+                    attempts += 1;
+                }
+                other => break other.map_err(|e| XdpError::Program(Box::new(e)))?,
+            }
+        };
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out, result.duration))
     }
 }
 
@@ -204,6 +646,194 @@ impl Drop for XdpDataplane {
             tracing::info!(interface, %mode, "XDP detached");
         }
     }
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> XdpError {
+    move |source| XdpError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, XdpError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(XdpError::Missing { what: "map", name })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+fn sum_u64(map: &PerCpuArray<MapData, u64>, key: u32, name: &'static str) -> Result<u64, XdpError> {
+    Ok(map.get(&key, 0).map_err(map_err(name))?.iter().sum())
+}
+
+/// Loads the object with every map pinned under `pin_dir` at the sizes of `meta`.
+fn load_object(pin_dir: &Path, meta: &LbMeta, maglev_entries: u32) -> Result<Ebpf, XdpError> {
+    let mut loader = EbpfLoader::new();
+    for name in MAP_NAMES {
+        loader.map_pin_path(name, pin_dir.join(name));
+    }
+    loader
+        .map_max_entries(names::LB_VIPS, meta.max_services)
+        .map_max_entries(names::LB_SERVICES, meta.max_services)
+        .map_max_entries(names::LB_BACKENDS, meta.max_backends)
+        .map_max_entries(names::LB_MAGLEV, maglev_entries)
+        .map_max_entries(names::LB_FLOWS, meta.flow_table_size)
+        .map_max_entries(names::LB_NAT_REV, meta.flow_table_size)
+        .load(XDP_OBJECT)
+        .map_err(|e| XdpError::Load(Box::new(e)))
+}
+
+/// Type, key size, value size and entries each map must have for `meta`.
+fn expected_shape(name: &str, meta: &LbMeta) -> (MapType, usize, usize, u32) {
+    use std::mem::size_of;
+    let maglev = meta.maglev_stride.saturating_mul(meta.max_services);
+    match name {
+        names::XDP_STATS => (
+            MapType::PerCpuArray,
+            4,
+            size_of::<XdpCounter>(),
+            XdpAction::COUNT,
+        ),
+        names::XDP_DROPS => (MapType::PerCpuArray, 4, 8, DropReason::COUNT),
+        names::XDP_EVENTS => (MapType::PerCpuArray, 4, 8, Event::COUNT),
+        names::LB_VIPS => (
+            MapType::Hash,
+            size_of::<VipKey>(),
+            size_of::<VipInfo>(),
+            meta.max_services,
+        ),
+        names::LB_SERVICES => (
+            MapType::Hash,
+            size_of::<ServiceKey>(),
+            size_of::<Service>(),
+            meta.max_services,
+        ),
+        names::LB_BACKENDS => (MapType::Array, 4, size_of::<Backend>(), meta.max_backends),
+        names::LB_MAGLEV => (MapType::Array, 4, 4, maglev),
+        names::LB_FLOWS => (
+            MapType::LruHash,
+            size_of::<FlowKey>(),
+            size_of::<Flow>(),
+            meta.flow_table_size,
+        ),
+        names::LB_NAT_REV => (
+            MapType::LruHash,
+            size_of::<FlowKey>(),
+            size_of::<NatReply>(),
+            meta.flow_table_size,
+        ),
+        names::LB_CONFIG => (MapType::Array, 4, size_of::<LbConfig>(), 1),
+        _ => (MapType::Array, 4, size_of::<LbMeta>(), 1),
+    }
+}
+
+/// Checks the map set pinned in `pin_dir` (if any) against `want`: every pinned map must
+/// have the expected type and sizes, and `LB_META` must be there with the same layout.
+/// On a mismatch, `fresh` removes the pins; otherwise it is an error. Returns the names
+/// that are (still) pinned.
+fn check_layout(pin_dir: &Path, want: &LbMeta, fresh: bool) -> Result<Vec<&'static str>, XdpError> {
+    let existing: Vec<&'static str> = MAP_NAMES
+        .into_iter()
+        .filter(|name| pin_dir.join(name).exists())
+        .collect();
+    if existing.is_empty() {
+        return Ok(existing);
+    }
+    let Err(why) = pinned_layout_matches(pin_dir, want, &existing) else {
+        return Ok(existing);
+    };
+    if !fresh {
+        return Err(XdpError::Layout {
+            pin_dir: pin_dir.to_owned(),
+            why,
+        });
+    }
+    tracing::warn!(pin_dir = %pin_dir.display(), %why, "removing pinned XDP maps of another layout");
+    for name in existing {
+        let path = pin_dir.join(name);
+        std::fs::remove_file(&path).map_err(|source| XdpError::Unpin { path, source })?;
+    }
+    Ok(Vec::new())
+}
+
+fn pinned_layout_matches(pin_dir: &Path, want: &LbMeta, existing: &[&str]) -> Result<(), String> {
+    if !existing.contains(&names::LB_META) {
+        return Err(format!("no {} map", names::LB_META));
+    }
+    for &name in existing {
+        let info = MapInfo::from_pin(pin_dir.join(name)).map_err(|e| format!("{name}: {e}"))?;
+        let (kind, key, value, entries) = expected_shape(name, want);
+        let found = (
+            info.map_type().map_err(|e| format!("{name}: {e}"))?,
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        if found != (kind, key, value, entries) {
+            return Err(format!(
+                "{name} is {:?} with key {} B, value {} B, {} entries; expected {kind:?}, {key} B, {value} B, {entries}",
+                found.0, found.1, found.2, found.3
+            ));
+        }
+    }
+    let data = MapData::from_pin(pin_dir.join(names::LB_META))
+        .map_err(|e| format!("{}: {e}", names::LB_META))?;
+    let meta: Array<MapData, LbMeta> =
+        Array::try_from(Map::Array(data)).map_err(|e| format!("{}: {e}", names::LB_META))?;
+    let found = meta
+        .get(&0, 0)
+        .map_err(|e| format!("{}: {e}", names::LB_META))?;
+    if found != *want {
+        return Err(format!(
+            "layout version {} (stride {}, {} services, {} backends, {} flows); \
+             this build wants version {} ({}, {}, {}, {})",
+            found.version,
+            found.maglev_stride,
+            found.max_services,
+            found.max_backends,
+            found.flow_table_size,
+            want.version,
+            want.maglev_stride,
+            want.max_services,
+            want.max_backends,
+            want.flow_table_size
+        ));
+    }
+    Ok(())
+}
+
+/// An address as the maps hold it (IPv4-mapped IPv6 counts as IPv4, as on the wire).
+fn ip_bytes(ip: IpAddr) -> ([u8; 16], u8) {
+    let mut bytes = [0u8; 16];
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            bytes[..4].copy_from_slice(&v4.octets());
+            (bytes, FAMILY_V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
+fn service_key(vip: SocketAddr) -> ServiceKey {
+    let (addr, family) = ip_bytes(vip.ip());
+    ServiceKey {
+        addr,
+        port_be: vip.port().to_be(),
+        proto: PROTO_TCP,
+        family,
+    }
+}
+
+fn key_addr(key: &ServiceKey) -> SocketAddr {
+    let ip = if key.family == FAMILY_V4 {
+        IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]])
+    } else {
+        IpAddr::from(key.addr)
+    };
+    SocketAddr::new(ip, u16::from_be(key.port_be))
 }
 
 /// Creates the pin directory (mode 0700: maps hold flow state) on a bpffs.
@@ -220,82 +850,4 @@ fn create_pin_dir(dir: &Path) -> Result<(), XdpError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use lb_tests::netns::{VethPair, sh};
-
-    /// Loads and attaches the XDP program on a veth in a fresh namespace, sends packets
-    /// through it, and checks the counters and what bpftool prints for the pinned map.
-    #[test]
-    fn xdp_counts_packets_on_a_veth_and_bpftool_shows_named_fields() {
-        if !lb_tests::privileged("xdp_counts_packets_on_a_veth") {
-            return;
-        }
-        let pair = VethPair::new(231);
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&pin_dir);
-        let (b_if, b_ns) = (pair.b_if.clone(), pair.b.name.clone());
-        let pin = pin_dir.clone();
-        // Attach from a thread inside namespace b, where the interface lives.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let worker = std::thread::spawn(move || {
-            let f = std::fs::File::open(format!("/var/run/netns/{b_ns}")).unwrap();
-            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let mut dp = XdpDataplane::load(&pin).expect("load XDP object");
-            let mode = dp.attach(&b_if, None).expect("attach");
-            tx.send(mode).unwrap();
-            done_rx.recv().unwrap();
-            let counters = dp.counters().expect("read counters");
-            drop(dp);
-            counters
-        });
-        let mode = rx.recv().unwrap();
-        // veth supports native XDP.
-        assert_eq!(mode, AttachMode::Native);
-        // 20 pings from a to b: each crosses b's veth, where the program runs.
-        pair.a.exec(&[
-            "ping", "-c", "20", "-i", "0.01", "-W", "1", "-q", &pair.b_ip,
-        ]);
-        let dump = sh(&[
-            "bpftool",
-            "map",
-            "dump",
-            "pinned",
-            pin_dir.join(names::XDP_STATS).to_str().unwrap(),
-        ]);
-        done_tx.send(()).unwrap();
-        let counters = worker.join().unwrap();
-        let pass = counters
-            .iter()
-            .find(|(a, _)| *a == XdpAction::Pass)
-            .unwrap()
-            .1;
-        assert!(
-            pass.packets >= 20,
-            "expected at least 20 packets passed, counters: {counters:?}"
-        );
-        assert!(
-            pass.bytes >= 20 * 98,
-            "20 ICMP echo frames are at least 98 bytes each: {counters:?}"
-        );
-        let others: u64 = counters
-            .iter()
-            .filter(|(a, _)| *a != XdpAction::Pass)
-            .map(|(_, c)| c.packets)
-            .sum();
-        assert_eq!(others, 0, "the counting program only passes: {counters:?}");
-        let dump = String::from_utf8_lossy(&dump.stdout);
-        assert!(
-            dump.contains("\"packets\"") && dump.contains("\"bytes\""),
-            "bpftool shows no named fields:\n{dump}"
-        );
-        // Detached on drop: the interface has no XDP program any more.
-        let link = pair.b.exec(&["ip", "-d", "link", "show", &pair.b_if]);
-        assert!(
-            !String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
-            "still attached after drop"
-        );
-        std::fs::remove_dir_all(&pin_dir).unwrap();
-    }
-}
+mod tests;
