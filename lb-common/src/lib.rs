@@ -8,7 +8,8 @@
 //!
 //! Addresses are `[u8; 16]` in network byte order (bpftool prints them as hex bytes): an IPv4
 //! address fills the first 4 bytes and the rest is zero; `family` says which ([`FAMILY_V4`],
-//! [`FAMILY_V6`]). Ports are `u16` in network byte order (`_be`).
+//! [`FAMILY_V6`]). Ports are `u16` in host byte order, so bpftool prints them as numbers;
+//! the program converts as it builds keys (one instruction each).
 #![no_std]
 
 /// Version of the map layout below. Bump it whenever a key or value type, a map's kind or
@@ -219,7 +220,8 @@ const _: () = assert!(core::mem::size_of::<VipInfo>() == 4);
 pub struct ServiceKey {
     /// Network byte order; IPv4 in the first 4 bytes.
     pub addr: [u8; 16],
-    pub port_be: u16,
+    /// Host byte order.
+    pub port: u16,
     /// [`PROTO_TCP`].
     pub proto: u8,
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
@@ -259,7 +261,8 @@ pub const BACKEND_UP: u8 = 1;
 pub struct Backend {
     /// Network byte order; IPv4 in the first 4 bytes.
     pub addr: [u8; 16],
-    pub port_be: u16,
+    /// Host byte order.
+    pub port: u16,
     /// The MAC that frames to this backend are sent to (the backend's, or its next hop's).
     pub mac: [u8; 6],
     /// [`BACKEND_UP`].
@@ -279,8 +282,10 @@ pub struct FlowKey {
     pub src_addr: [u8; 16],
     /// Network byte order; IPv4 in the first 4 bytes.
     pub dst_addr: [u8; 16],
-    pub src_port_be: u16,
-    pub dst_port_be: u16,
+    /// Host byte order.
+    pub src_port: u16,
+    /// Host byte order.
+    pub dst_port: u16,
     /// [`PROTO_TCP`].
     pub proto: u8,
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
@@ -306,7 +311,8 @@ const _: () = assert!(core::mem::size_of::<Flow>() == 8);
 pub struct NatReply {
     /// The VIP the client connected to (network byte order; IPv4 in the first 4 bytes).
     pub vip_addr: [u8; 16],
-    pub vip_port_be: u16,
+    /// Host byte order.
+    pub vip_port: u16,
     /// The source MAC of the client's frames (the client's, or its router's): where the
     /// replies are sent.
     pub client_mac: [u8; 6],
@@ -407,7 +413,7 @@ pub mod sip {
     }
 
     /// Hash of an IPv4 client. `addr` and `port` are the words as loaded from the packet on a
-    /// little-endian machine (`u32::from_le_bytes(octets)`, `u16::from_le_bytes(port_be)`).
+    /// little-endian machine (`u32::from_le_bytes(octets)`, `u16::from_le_bytes(port.to_be_bytes())`).
     #[inline(always)]
     pub fn client_v4(addr: u32, port: u16, with_port: bool) -> u64 {
         let mut v = init();

@@ -292,8 +292,8 @@ fn flow_key(p: &Tcp) -> FlowKey {
     let mut key = zeroed_key::<FlowKey>();
     key.src_addr = to_addr(&p.src);
     key.dst_addr = to_addr(&p.dst);
-    key.src_port_be = p.sport;
-    key.dst_port_be = p.dport;
+    key.src_port = u16::from_be(p.sport);
+    key.dst_port = u16::from_be(p.dport);
     key.proto = PROTO_TCP;
     key.family = p.family;
     key
@@ -318,7 +318,7 @@ fn config() -> LbConfig {
 fn balance(eth: usize, p: &Tcp) -> Result<u32, DropReason> {
     let key = ServiceKey {
         addr: to_addr(&p.dst),
-        port_be: p.dport,
+        port: u16::from_be(p.dport),
         proto: PROTO_TCP,
         family: p.family,
     };
@@ -392,19 +392,19 @@ fn forward(eth: usize, p: &Tcp, service: &Service) -> Result<u32, DropReason> {
             let mut reverse = zeroed_key::<FlowKey>();
             reverse.src_addr = backend.addr;
             reverse.dst_addr = to_addr(&p.src);
-            reverse.src_port_be = backend.port_be;
-            reverse.dst_port_be = p.sport;
+            reverse.src_port = backend.port;
+            reverse.dst_port = u16::from_be(p.sport);
             reverse.proto = PROTO_TCP;
             reverse.family = p.family;
             let reply = NatReply {
                 vip_addr: to_addr(&p.dst),
-                vip_port_be: p.dport,
+                vip_port: u16::from_be(p.dport),
                 client_mac,
                 backend_id,
             };
             insert_counted(LB_NAT_REV.insert(reverse, reply, 0));
         }
-        rewrite(p, Side::Dst, &to_words(&backend.addr), backend.port_be);
+        rewrite(p, Side::Dst, &to_words(&backend.addr), backend.port.to_be());
     }
     let src_mac = if cfg.iface_mac == [0; 6] {
         to_us
@@ -423,7 +423,12 @@ fn forward(eth: usize, p: &Tcp, service: &Service) -> Result<u32, DropReason> {
 /// back to the MAC the client's frames came from.
 #[inline(always)]
 fn nat_reply(eth: usize, p: &Tcp, reply: &NatReply, cfg: &LbConfig) {
-    rewrite(p, Side::Src, &to_words(&reply.vip_addr), reply.vip_port_be);
+    rewrite(
+        p,
+        Side::Src,
+        &to_words(&reply.vip_addr),
+        reply.vip_port.to_be(),
+    );
     // SAFETY: eth was checked for 14 bytes.
     unsafe {
         let src_mac = if cfg.iface_mac == [0; 6] {

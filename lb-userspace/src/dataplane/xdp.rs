@@ -369,7 +369,7 @@ impl XdpDataplane {
         let (addr_bytes, family) = ip_bytes(addr.ip());
         let backend = Backend {
             addr: addr_bytes,
-            port_be: addr.port().to_be(),
+            port: addr.port(),
             mac,
             flags: if up { BACKEND_UP } else { 0 },
             family,
@@ -548,8 +548,8 @@ impl XdpDataplane {
         let key = FlowKey {
             src_addr,
             dst_addr,
-            src_port_be: client.port().to_be(),
-            dst_port_be: vip.port().to_be(),
+            src_port: client.port(),
+            dst_port: vip.port(),
             proto: PROTO_TCP,
             family,
             _pad: [0; 2],
@@ -821,7 +821,7 @@ fn service_key(vip: SocketAddr) -> ServiceKey {
     let (addr, family) = ip_bytes(vip.ip());
     ServiceKey {
         addr,
-        port_be: vip.port().to_be(),
+        port: vip.port(),
         proto: PROTO_TCP,
         family,
     }
@@ -833,7 +833,7 @@ fn key_addr(key: &ServiceKey) -> SocketAddr {
     } else {
         IpAddr::from(key.addr)
     };
-    SocketAddr::new(ip, u16::from_be(key.port_be))
+    SocketAddr::new(ip, key.port)
 }
 
 /// Creates the pin directory (mode 0700: maps hold flow state) on a bpffs.

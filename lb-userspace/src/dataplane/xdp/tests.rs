@@ -952,12 +952,15 @@ fn xdp_bpftool_prints_every_map_with_named_fields() {
         (names::LB_VIPS, &["\"addr\"", "\"services\": 1"]),
         (
             names::LB_SERVICES,
-            &["\"port_be\"", "\"table_off\"", "\"table_size\": 7"],
+            &["\"port\": 80", "\"table_off\"", "\"table_size\": 7"],
         ),
-        (names::LB_BACKENDS, &["\"addr\"", "\"mac\"", "\"flags\": 1"]),
+        (
+            names::LB_BACKENDS,
+            &["\"port\": 8080", "\"mac\"", "\"flags\": 1"],
+        ),
         (names::LB_MAGLEV, &["\"value\": 2"]),
-        (names::LB_FLOWS, &["\"src_addr\"", "\"backend_id\""]),
-        (names::LB_NAT_REV, &["\"vip_addr\"", "\"client_mac\""]),
+        (names::LB_FLOWS, &["\"src_port\": 40000", "\"backend_id\""]),
+        (names::LB_NAT_REV, &["\"vip_port\": 80", "\"client_mac\""]),
         (names::LB_CONFIG, &["\"iface_mac\"", "\"flags\": 1"]),
         (
             names::LB_META,
