@@ -13,7 +13,7 @@
 //! | --- | --- | --- |
 //! | [`Algorithm::RoundRobin`] | cycles over usable candidates, ignoring weight | `AtomicUsize` ticket |
 //! | [`Algorithm::WeightedRoundRobin`] | smooth weighted round robin (nginx) | `Mutex<Vec<i64>>` |
-//! | [`Algorithm::LeastConnections`] | minimises `(active + 1) / weight` | none |
+//! | [`Algorithm::LeastConnections`] | minimises `active / weight`, weighted draw among ties | none |
 //! | [`Algorithm::Random`] | power of two weighted-random choices | none |
 //! | [`Algorithm::Maglev`] | weighted Maglev table keyed on client ip + port | immutable table |
 //! | [`Algorithm::SourceHash`] | the same Maglev table keyed on client ip only | immutable table |
@@ -46,7 +46,7 @@ pub enum Algorithm {
     /// ones rather than chosen in bursts.
     WeightedRoundRobin,
     /// Weighted least connections: the usable candidate minimising
-    /// `(active + 1) / weight`; ties are broken by [`PickCtx::random`].
+    /// `active / weight`; ties are broken by a weighted draw from [`PickCtx::random`].
     LeastConnections,
     /// Power of two choices: two weighted-random candidates drawn from
     /// [`PickCtx::random`], the one with the lower `active / weight` wins.
@@ -297,43 +297,48 @@ impl Selector {
         best
     }
 
-    /// Minimises `(active + 1) / weight`, comparing by cross-multiplication
-    /// in u128 (no floats, no overflow). Ties pick the
-    /// `(random % ties)`-th tied candidate so equally loaded candidates
-    /// share the work instead of all going to the lowest index.
+    /// Minimises `active / weight`, comparing by cross-multiplication in u128
+    /// (no floats, no overflow). Ties are broken by a draw weighted by weight,
+    /// so equally loaded candidates share the work in proportion to weight.
     fn pick_least_connections(
         &self,
         ctx: &PickCtx<'_>,
         usable: impl Fn(usize) -> bool,
     ) -> Option<usize> {
-        let load = |i: usize| {
-            (
-                u128::from(ctx.active_of(i)) + 1,
-                u128::from(self.weights[i]),
-            )
-        };
+        // Load is `active / weight`, compared by cross-multiplication. Ties (an idle pool, or
+        // equal loads) are broken by a weighted draw from `ctx.random`, so an idle 3:1:1 pool
+        // still shares 60/20/20 instead of sending everything to the heaviest backend.
+        let load = |i: usize| (u128::from(ctx.active_of(i)), u128::from(self.weights[i]));
         let mut best: Option<(u128, u128)> = None;
-        let mut ties: u64 = 0;
+        let mut tied_weight: u64 = 0;
         for i in (0..self.weights.len()).filter(|&i| usable(i)) {
             let (a, w) = load(i);
             match best {
                 Some((ba, bw)) if a * bw > ba * w => {}
-                Some((ba, bw)) if a * bw == ba * w => ties += 1,
+                Some((ba, bw)) if a * bw == ba * w => tied_weight += u64::from(self.weights[i]),
                 _ => {
                     best = Some((a, w));
-                    ties = 1;
+                    tied_weight = u64::from(self.weights[i]);
                 }
             }
         }
         let (ba, bw) = best?;
-        let chosen = ctx.random % ties;
-        (0..self.weights.len())
+        let mut ticket = ctx.random % tied_weight.max(1);
+        let tied: Vec<usize> = (0..self.weights.len())
             .filter(|&i| usable(i))
             .filter(|&i| {
                 let (a, w) = load(i);
                 a * bw == ba * w
             })
-            .nth(usize::try_from(chosen).unwrap_or(0))
+            .collect();
+        for &i in &tied {
+            let w = u64::from(self.weights[i]);
+            if ticket < w {
+                return Some(i);
+            }
+            ticket -= w;
+        }
+        tied.last().copied()
     }
 
     /// Power of two choices. The two draws are the first two outputs of
@@ -675,16 +680,21 @@ mod tests {
     fn least_connections_prefers_lowest_weighted_load_and_rotates_ties() {
         let sel = selector(Algorithm::LeastConnections, &[2, 1, 1]);
         let eligible = [true; 3];
-        // (4+1)/2 = 2.5 vs (1+1)/1 = 2 vs (3+1)/1 = 4: candidate 1.
+        // 4/2 = 2 vs 1/1 = 1 vs 3/1 = 3: candidate 1.
         assert_eq!(
             sel.pick(&ctx(&eligible, &[4, 1, 3], anywhere(), 0)),
             Some(1)
         );
-        // (3+1)/2 = 2 ties with candidate 1; the random value rotates.
-        let picks: Vec<_> = (0..4)
-            .filter_map(|r| sel.pick(&ctx(&eligible, &[3, 1, 3], anywhere(), r)))
+        // 2/2 = 1 ties with 1/1; the draw is weighted 2:1 by the random value.
+        let picks: Vec<_> = (0..6)
+            .filter_map(|r| sel.pick(&ctx(&eligible, &[2, 1, 3], anywhere(), r)))
             .collect();
-        assert_eq!(picks, [0, 1, 0, 1]);
+        assert_eq!(picks, [0, 0, 1, 0, 0, 1]);
+        // An idle pool shares by weight: 2:1:1.
+        let picks: Vec<_> = (0..4)
+            .filter_map(|r| sel.pick(&ctx(&eligible, &[0, 0, 0], anywhere(), r)))
+            .collect();
+        assert_eq!(picks, [0, 0, 1, 2]);
         // Extreme values do not overflow.
         let sel = selector(Algorithm::LeastConnections, &[u32::MAX, 1]);
         assert_eq!(

@@ -9,6 +9,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     Json, Router,
+    body::Bytes,
     extract::{DefaultBodyLimit, Path, Request, State},
     http::{HeaderMap, StatusCode, header},
     middleware::{self, Next},
@@ -152,7 +153,9 @@ async fn status(State(app): State<App>) -> Json<serde_json::Value> {
     Json(status_json(&app.daemon))
 }
 
-async fn reload(State(app): State<App>) -> Response {
+// Each changing handler takes the body as `Bytes`, even though it ignores it: reading it is
+// what makes `DefaultBodyLimit` answer 413 to an oversized request instead of acting on it.
+async fn reload(State(app): State<App>, _body: Bytes) -> Response {
     match app.daemon.reload().await {
         Ok(()) => (StatusCode::OK, "reloaded\n").into_response(),
         Err(e @ ReloadError::Invalid(_)) => {
