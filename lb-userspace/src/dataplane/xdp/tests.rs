@@ -1060,6 +1060,26 @@ fn xdp_cost_per_packet() {
     let c = f.counters();
     assert_eq!(c.event(Event::FlowMiss), u64::from(FLOWS) + 2, "{c:?}");
     assert!(ns(dsr) < 2000.0 && ns(nat) < 2000.0, "absurdly slow");
+    drop(f);
+
+    // Programming a production-size table (M = 65537): one syscall per slot.
+    let big = XdpOptions {
+        maglev_stride: 65_537,
+        max_services: 1,
+        ..options()
+    };
+    let Some(mut f) = Fixture::with("xdp_cost_table", &big) else {
+        return;
+    };
+    f.backends(&[1, 2, 3]);
+    let table = table(&[1, 2, 3], 65_537);
+    let start = std::time::Instant::now();
+    f.dp.set_service(sa(VIP), 0, Forwarding::Dsr, ClientHash::IpPort, &table)
+        .unwrap();
+    println!(
+        "xdp set_service with a 65537-slot table: {:.0} ms",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
 }
 
 // ---- attached --------------------------------------------------------------------------
