@@ -18,6 +18,8 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("ping", "iputils-ping"),
+    // GRO on the veth peer that receives XDP_TX frames in the xdp end-to-end tests.
+    ("ethtool", "ethtool"),
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
