@@ -169,6 +169,10 @@ pub struct XdpCounters {
     pub events: Vec<(Event, u64)>,
 }
 
+#[allow(
+    dead_code,
+    reason = "part of the dataplane's API; the daemon does not read it yet, the tests do"
+)]
 impl XdpCounters {
     /// Packets and bytes that got `action`.
     pub fn packets(&self, action: XdpAction) -> XdpCounter {
@@ -380,6 +384,10 @@ impl XdpDataplane {
             .map_err(map_err(names::LB_BACKENDS))
     }
 
+    #[allow(
+        dead_code,
+        reason = "part of the dataplane's API; the daemon does not read it yet, the tests do"
+    )]
     /// Removes backend `id`: its flows are placed again on their next packet. Tables that
     /// still name it skip it like a backend that is down.
     pub fn remove_backend(&mut self, id: u32) -> Result<(), XdpError> {
@@ -531,6 +539,10 @@ impl XdpDataplane {
         self.config.get(&0, 0).map_err(map_err(names::LB_CONFIG))
     }
 
+    #[allow(
+        dead_code,
+        reason = "part of the dataplane's API; the daemon does not read it yet, the tests do"
+    )]
     /// Flows in the flow table (walks the table: O(flows) syscalls).
     pub fn flow_count(&self) -> Result<usize, XdpError> {
         let mut count = 0;
@@ -541,6 +553,10 @@ impl XdpDataplane {
         Ok(count)
     }
 
+    #[allow(
+        dead_code,
+        reason = "part of the dataplane's API; the daemon does not read it yet, the tests do"
+    )]
     /// The backend id the flow `client -> vip` is placed on, if the flow table has it.
     pub fn lookup(&self, client: SocketAddr, vip: SocketAddr) -> Result<Option<u32>, XdpError> {
         let (src_addr, family) = ip_bytes(client.ip());
@@ -607,6 +623,7 @@ impl XdpDataplane {
     /// Runs the program on `frame` `repeat` times without attaching it (BPF_PROG_TEST_RUN):
     /// the verdict, the frame as the program left it, and the mean time per run. With
     /// `repeat > 1` each run sees the previous run's output.
+    #[allow(dead_code, reason = "for BPF_PROG_TEST_RUN fixtures and cost figures")]
     pub fn run_frame(
         &mut self,
         frame: &[u8],

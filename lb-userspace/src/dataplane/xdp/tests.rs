@@ -1158,3 +1158,162 @@ fn xdp_counts_packets_on_a_veth_and_bpftool_shows_named_fields() {
     );
     std::fs::remove_dir_all(&pin_dir).unwrap();
 }
+
+// ---- end to end ------------------------------------------------------------------------
+
+/// The MAC of `interface` inside `ns`.
+fn mac_of(ns: &lb_tests::netns::NetNs, interface: &str) -> [u8; 6] {
+    let out = ns.exec(&["cat", &format!("/sys/class/net/{interface}/address")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(text.trim().split(':')) {
+        *byte = u8::from_str_radix(part, 16).unwrap();
+    }
+    mac
+}
+
+/// Real TCP connections through the program attached (generic mode) to a veth: a client,
+/// the balancer and a backend on one bridge, the client in another subnet so the
+/// backend's replies go back through the balancer. NAT both ways, flow entries, replies.
+#[test]
+fn xdp_nat_carries_real_tcp_connections_on_a_bridge() {
+    use lb_tests::netns::{NetNs, unique};
+    use std::io::{Read as _, Write as _};
+    if !lb_tests::privileged("xdp_nat_e2e") {
+        return;
+    }
+    let switch = NetNs::new("lbsw");
+    let client = NetNs::new("lbc");
+    let lb = NetNs::new("lbl");
+    let backend = NetNs::new("lbk");
+    switch.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+    switch.exec(&["ip", "link", "set", "br0", "up"]);
+    let mut inner = Vec::new();
+    for ns in [&client, &lb, &backend] {
+        let (outer, port) = (unique("e"), unique("p"));
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &outer,
+            "netns",
+            &ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &switch.name,
+        ]);
+        switch.exec(&["ip", "link", "set", &port, "master", "br0"]);
+        switch.exec(&["ip", "link", "set", &port, "up"]);
+        ns.exec(&["ip", "link", "set", &outer, "up"]);
+        inner.push(outer);
+    }
+    let (c_if, l_if, k_if) = (&inner[0], &inner[1], &inner[2]);
+    client.exec(&["ip", "addr", "add", "10.78.0.10/24", "dev", c_if]);
+    client.exec(&["ip", "route", "add", "10.79.0.0/24", "via", "10.78.0.2"]);
+    lb.exec(&["ip", "addr", "add", "10.78.0.2/24", "dev", l_if]);
+    lb.exec(&["ip", "addr", "add", "10.77.0.2/24", "dev", l_if]);
+    backend.exec(&["ip", "addr", "add", "10.77.0.20/24", "dev", k_if]);
+    backend.exec(&["ip", "route", "add", "default", "via", "10.77.0.2"]);
+    let backend_mac = mac_of(&backend, k_if);
+
+    // The backend: echoes one message per connection, upper-cased.
+    let backend_ns = backend.name.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/var/run/netns/{backend_ns}")).unwrap();
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let listener = std::net::TcpListener::bind("10.77.0.20:8080").unwrap();
+        ready_tx.send(()).unwrap();
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut buf = [0u8; 64];
+            let n = stream.read(&mut buf).unwrap_or(0);
+            let _ = stream.write_all(&buf[..n].to_ascii_uppercase());
+        }
+    });
+    ready_rx.recv().unwrap();
+
+    // The balancer: loads, programs and attaches from inside its namespace.
+    let pin_dir = pin_dir_for("xdp_nat_e2e");
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let (lb_ns, l_if, pin) = (lb.name.clone(), l_if.clone(), pin_dir.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let worker = std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/var/run/netns/{lb_ns}")).unwrap();
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let mut dp = XdpDataplane::load(&pin, &options()).unwrap();
+        dp.set_backend(5, sa("10.77.0.20:8080"), backend_mac, true)
+            .unwrap();
+        dp.set_service(
+            sa("10.79.0.100:80"),
+            0,
+            Forwarding::Nat,
+            ClientHash::IpPort,
+            &[5; 257],
+        )
+        .unwrap();
+        dp.attach(&l_if, Some(AttachMode::Generic)).unwrap();
+        tx.send(()).unwrap();
+        done_rx.recv().unwrap();
+        let result = (
+            dp.counters().unwrap(),
+            dp.flow_count().unwrap(),
+            dp.lookup(sa("10.78.0.10:45000"), sa("10.79.0.100:80"))
+                .unwrap(),
+        );
+        drop(dp);
+        result
+    });
+    rx.recv().unwrap();
+
+    // The client: connections to the VIP, one from a fixed port to look up afterwards.
+    let client_ns = client.name.clone();
+    let replies = std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/var/run/netns/{client_ns}")).unwrap();
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        (0..5)
+            .map(|i| {
+                let socket =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                        .unwrap();
+                if i == 0 {
+                    socket.bind(&sa("10.78.0.10:45000").into()).unwrap();
+                }
+                socket
+                    .connect_timeout(
+                        &sa("10.79.0.100:80").into(),
+                        std::time::Duration::from_secs(5),
+                    )
+                    .expect("connect to the VIP");
+                let mut stream: std::net::TcpStream = socket.into();
+                stream
+                    .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                    .unwrap();
+                stream.write_all(format!("hello {i}").as_bytes()).unwrap();
+                let mut reply = String::new();
+                stream.read_to_string(&mut reply).unwrap();
+                assert_eq!(stream.peer_addr().unwrap(), sa("10.79.0.100:80"));
+                reply
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    done_tx.send(()).unwrap();
+    let (counters, flows, placed) = worker.join().unwrap();
+    assert_eq!(
+        replies,
+        (0..5).map(|i| format!("HELLO {i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(flows, 5, "{counters:?}");
+    assert_eq!(placed, Some(5));
+    assert_eq!(counters.event(Event::FlowMiss), 5, "{counters:?}");
+    assert!(counters.event(Event::NatReply) >= 10, "{counters:?}");
+    assert_eq!(counters.packets(XdpAction::Drop).packets, 0, "{counters:?}");
+    let _ = std::fs::remove_dir_all(&pin_dir);
+}
