@@ -251,8 +251,12 @@ pub struct Service {
 }
 const _: () = assert!(core::mem::size_of::<Service>() == 16);
 
-/// [`Backend::flags`]: the backend takes traffic (new flows and established ones).
+/// [`Backend::flags`]: the backend is alive: its established flows stay on it, and it takes
+/// new flows unless [`BACKEND_DRAIN`] is set too. Without it, its flows are placed again.
 pub const BACKEND_UP: u8 = 1;
+/// [`Backend::flags`]: the backend takes no new flows (Maglev walks past it, as the daemon's
+/// lookup walks past a backend that is not eligible); established flows stay.
+pub const BACKEND_DRAIN: u8 = 2;
 
 /// Value of [`names::LB_BACKENDS`] (index: backend id). An all-zero entry is a removed or
 /// never-set backend: not up.
@@ -265,7 +269,7 @@ pub struct Backend {
     pub port: u16,
     /// The MAC that frames to this backend are sent to (the backend's, or its next hop's).
     pub mac: [u8; 6],
-    /// [`BACKEND_UP`].
+    /// [`BACKEND_UP`], [`BACKEND_DRAIN`].
     pub flags: u8,
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,

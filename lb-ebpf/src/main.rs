@@ -30,9 +30,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_UP, Backend, CFG_NAT_REPLIES, DropReason, Event, FAMILY_V4, FAMILY_V6, Flow, FlowKey,
-    LbConfig, LbMeta, NatReply, PROTO_TCP, SVC_DSR, SVC_HASH_PORT, Service, ServiceKey, VipInfo,
-    VipKey, XdpAction, XdpCounter, sip,
+    BACKEND_DRAIN, BACKEND_UP, Backend, CFG_NAT_REPLIES, DropReason, Event, FAMILY_V4, FAMILY_V6,
+    Flow, FlowKey, LbConfig, LbMeta, NatReply, PROTO_TCP, SVC_DSR, SVC_HASH_PORT, Service,
+    ServiceKey, VipInfo, VipKey, XdpAction, XdpCounter, sip,
 };
 
 use csum::Delta;
@@ -449,7 +449,7 @@ fn insert_counted(result: Result<(), i32>) {
     });
 }
 
-/// The backend `id` if it is up.
+/// The backend `id` if it is up (established flows stay on a draining backend).
 #[inline(always)]
 fn backend_up(id: u32) -> Option<Backend> {
     LB_BACKENDS
@@ -458,8 +458,17 @@ fn backend_up(id: u32) -> Option<Backend> {
         .filter(|b| b.flags & BACKEND_UP != 0)
 }
 
+/// The backend `id` if it takes new flows: up and not draining.
+#[inline(always)]
+fn backend_for_new(id: u32) -> Option<Backend> {
+    LB_BACKENDS
+        .get(id)
+        .copied()
+        .filter(|b| b.flags & (BACKEND_UP | BACKEND_DRAIN) == BACKEND_UP)
+}
+
 /// Maglev: the client's slot, or the first of the following [`MAX_PROBES`] slots whose
-/// backend is up (the daemon's lookup walks the same way).
+/// backend takes new flows (the daemon's lookup walks the same way).
 #[inline(always)]
 fn pick(service: &Service, p: &Tcp) -> Result<(u32, Backend), DropReason> {
     let size = service.table_size;
@@ -475,7 +484,7 @@ fn pick(service: &Service, p: &Tcp) -> Result<(u32, Backend), DropReason> {
     let mut slot = (hash % u64::from(size)) as u32;
     for _ in 0..MAX_PROBES {
         if let Some(&id) = LB_MAGLEV.get(service.table_off.wrapping_add(slot))
-            && let Some(backend) = backend_up(id)
+            && let Some(backend) = backend_for_new(id)
         {
             return Ok((id, backend));
         }

@@ -15,9 +15,11 @@
 //! pins it created and leaves older ones alone.
 //!
 //! Kernel behaviour the callers rely on (see `lb-ebpf`):
-//! - a flow stays on its backend while the backend is up, whatever the tables do;
+//! - a flow stays on its backend while the backend is up or draining, whatever the tables
+//!   do;
 //! - a flow whose backend is down or removed is placed again, like a new one, on its next
-//!   packet;
+//!   packet (so drain with [`BackendState::Draining`] or by leaving the backend out of the
+//!   table, never by setting it down);
 //! - a new flow starts at the slot the daemon's Maglev lookup starts at (the same SipHash
 //!   of the client) and walks at most 16 slots to the first backend that is up.
 
@@ -30,9 +32,9 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode},
 };
 use lb_common::{
-    BACKEND_UP, Backend, CFG_NAT_REPLIES, DropReason, Event, FAMILY_V4, FAMILY_V6, Flow, FlowKey,
-    LAYOUT_VERSION, LbConfig, LbMeta, NatReply, PROTO_TCP, SVC_DSR, SVC_HASH_PORT, Service,
-    ServiceKey, VipInfo, VipKey, XdpAction, XdpCounter, names,
+    BACKEND_DRAIN, BACKEND_UP, Backend, CFG_NAT_REPLIES, DropReason, Event, FAMILY_V4, FAMILY_V6,
+    Flow, FlowKey, LAYOUT_VERSION, LbConfig, LbMeta, NatReply, PROTO_TCP, SVC_DSR, SVC_HASH_PORT,
+    Service, ServiceKey, VipInfo, VipKey, XdpAction, XdpCounter, names,
 };
 
 use crate::config::Forwarding;
@@ -62,6 +64,24 @@ impl std::fmt::Display for AttachMode {
             AttachMode::Generic => "generic",
         })
     }
+}
+
+/// What a backend may carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    /// New flows and established ones.
+    Up,
+    /// Established flows only (drain, weight 0, removal from the config): new flows walk
+    /// past it in the Maglev table, as the daemon's lookup walks past a backend that is not
+    /// eligible.
+    #[allow(
+        dead_code,
+        reason = "part of the dataplane's API; the daemon does not drain through it yet, the tests do"
+    )]
+    Draining,
+    /// Nothing: its established flows are placed again on their next packet (it is dead, so
+    /// they are lost there anyway).
+    Down,
 }
 
 /// What the client hash of a service covers.
@@ -361,7 +381,8 @@ impl XdpDataplane {
 
     /// Adds or changes backend `id`: where it is (`addr`, for NAT), the MAC frames to it are
     /// sent to (its own or its next hop's), and whether it takes traffic. A backend that
-    /// goes down loses its flows: each is placed again on its next packet.
+    /// goes down loses its flows: each is placed again on its next packet. (`up: false` is
+    /// [`BackendState::Down`]; to drain, see [`XdpDataplane::set_backend_state`].)
     pub fn set_backend(
         &mut self,
         id: u32,
@@ -369,13 +390,34 @@ impl XdpDataplane {
         mac: [u8; 6],
         up: bool,
     ) -> Result<(), XdpError> {
+        let state = if up {
+            BackendState::Up
+        } else {
+            BackendState::Down
+        };
+        self.set_backend_state(id, addr, mac, state)
+    }
+
+    /// [`XdpDataplane::set_backend`] with the three states: a draining backend keeps its
+    /// established flows and takes no new ones.
+    pub fn set_backend_state(
+        &mut self,
+        id: u32,
+        addr: SocketAddr,
+        mac: [u8; 6],
+        state: BackendState,
+    ) -> Result<(), XdpError> {
         self.check_backend_id(id)?;
         let (addr_bytes, family) = ip_bytes(addr.ip());
         let backend = Backend {
             addr: addr_bytes,
             port: addr.port(),
             mac,
-            flags: if up { BACKEND_UP } else { 0 },
+            flags: match state {
+                BackendState::Up => BACKEND_UP,
+                BackendState::Draining => BACKEND_UP | BACKEND_DRAIN,
+                BackendState::Down => 0,
+            },
             family,
             _pad: [0; 2],
         };

@@ -668,6 +668,38 @@ fn xdp_flow_on_a_backend_that_went_down_is_picked_again() {
 }
 
 #[test]
+fn xdp_draining_backend_keeps_its_flows_and_takes_no_new_ones() {
+    let Some(mut f) = Fixture::new("xdp_drain") else {
+        return;
+    };
+    f.backends(&[1, 2]);
+    f.dp.set_service(
+        sa(VIP),
+        0,
+        Forwarding::Nat,
+        ClientHash::IpPort,
+        &table(&[1, 2], 257),
+    )
+    .unwrap();
+    let clients: Vec<Pkt> = (0..40)
+        .map(|n| Pkt::tcp(sa(&format!("192.0.2.9:{}", 20000 + n)), sa(VIP)))
+        .collect();
+    let placed: Vec<u32> = clients.iter().map(|p| f.backend_of(p)).collect();
+    assert!(placed.contains(&1) && placed.contains(&2), "{placed:?}");
+    f.dp.set_backend_state(1, backend_addr(1), backend_mac(1), BackendState::Draining)
+        .unwrap();
+    // Established flows stay where they are, on 1 too.
+    let again: Vec<u32> = clients.iter().map(|p| f.backend_of(p)).collect();
+    assert_eq!(again, placed);
+    // New flows all go to 2.
+    for n in 0..40 {
+        let pkt = Pkt::tcp(sa(&format!("192.0.2.10:{}", 20000 + n)), sa(VIP));
+        assert_eq!(f.backend_of(&pkt), 2);
+    }
+    assert_eq!(f.counters().event(Event::FlowRepick), 0);
+}
+
+#[test]
 fn xdp_picks_the_backend_the_daemons_maglev_picks() {
     let Some(mut f) = Fixture::new("xdp_maglev") else {
         return;
@@ -746,8 +778,14 @@ fn xdp_picks_the_backend_the_daemons_maglev_picks() {
             assert_eq!(kernel, ids[view.slot_for(c).unwrap()], "{algorithm} {c}");
             assert_eq!(kernel, pick(c, &all_up), "{algorithm} {c}");
         }
-        // With backend 3 down, new clients walk on from their slot exactly as the daemon does.
-        f.dp.set_backend(3, backend_addr(3), backend_mac(3), false)
+        // With backend 3 down (or draining), new clients walk on from their slot exactly as
+        // the daemon does with it not eligible.
+        let state = if v6 {
+            BackendState::Draining
+        } else {
+            BackendState::Down
+        };
+        f.dp.set_backend_state(3, backend_addr(3), backend_mac(3), state)
             .unwrap();
         let eligible = [true, true, false, true, true];
         for n in 1000..1150 {
