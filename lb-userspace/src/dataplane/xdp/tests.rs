@@ -351,23 +351,41 @@ fn xdp_nat_rewrites_client_to_vip_and_reply_back_with_exact_bytes() {
 
 #[test]
 fn xdp_nat_checksums_hold_over_many_addresses_and_ports() {
-    let Some(mut f) = Fixture::new("xdp_nat_csum") else {
+    let Some(mut f) = Fixture::with(
+        "xdp_nat_csum",
+        &XdpOptions {
+            max_services: 8,
+            ..options()
+        },
+    ) else {
         return;
     };
     // Addresses and ports chosen to exercise carries: all-ones, zeros, high bytes.
-    let backends = [
-        SocketAddr::new(Ipv4Addr::new(255, 255, 255, 254).into(), 65535),
-        SocketAddr::new(Ipv4Addr::new(0, 0, 0, 1).into(), 1),
-        SocketAddr::new(Ipv4Addr::new(172, 31, 255, 0).into(), 443),
+    let v4_clients = ["192.0.2.7:40000", "255.255.255.255:65535", "0.0.0.1:1"];
+    let v6_clients = [
+        "[2001:db8::7]:40000",
+        "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+        "[::2]:1",
     ];
-    let vips = ["10.0.0.100:80", "255.255.0.255:65535", "1.0.0.0:1"];
-    for (i, (&backend, vip)) in backends.iter().zip(vips).enumerate() {
-        let id = i as u32 + 1;
+    let cases = [
+        ("255.255.255.254:65535", "10.0.0.100:80", v4_clients),
+        ("0.0.0.1:1", "255.255.0.255:65535", v4_clients),
+        ("172.31.255.0:443", "1.0.0.0:1", v4_clients),
+        (
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe]:65535",
+            "[2001:db8::100]:80",
+            v6_clients,
+        ),
+        ("[::1]:1", "[ffff::ffff:0:ffff]:65535", v6_clients),
+        ("[fd00:0:ffff::1]:8443", "[100::]:1", v6_clients),
+    ];
+    for (i, (backend, vip, clients)) in cases.into_iter().enumerate() {
+        let (backend, id) = (sa(backend), i as u32 + 1);
         f.dp.set_backend(id, backend, backend_mac(id), true)
             .unwrap();
         f.dp.set_service(sa(vip), id, Forwarding::Nat, ClientHash::IpPort, &[id; 7])
             .unwrap();
-        for client in ["192.0.2.7:40000", "255.255.255.255:65535", "0.0.0.1:1"] {
+        for client in clients {
             for payload in [&b""[..], b"x", b"odd length payload"] {
                 let pkt = Pkt {
                     payload: payload.to_vec(),
