@@ -51,6 +51,21 @@ fn backend_family(
     Ok(())
 }
 
+/// A counter family with one label.
+fn labelled_counter<'a>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    values: impl Iterator<Item = (&'a str, u64)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (value, n) in values {
+        ConstCounter::new(n).encode(family.encode_family(&[(label, value)])?)?;
+    }
+    Ok(())
+}
+
 impl Collector for LbCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
         let services = self.0.services();
@@ -164,6 +179,45 @@ impl Collector for LbCollector {
             ] {
                 ConstCounter::new(v.load(Relaxed))
                     .encode(family.encode_family(&[("result", result)])?)?;
+            }
+        }
+        if let Some(xdp) = &self.0.xdp {
+            match xdp.counters() {
+                Ok(c) => {
+                    let packets = c.packets.iter().map(|(a, n)| (a.label(), n.packets));
+                    labelled_counter(
+                        &mut encoder,
+                        "lb_xdp_packets",
+                        "Packets seen by the XDP program, by verdict (summed over CPUs).",
+                        "action",
+                        packets,
+                    )?;
+                    let bytes = c.packets.iter().map(|(a, n)| (a.label(), n.bytes));
+                    labelled_counter(
+                        &mut encoder,
+                        "lb_xdp_bytes",
+                        "Bytes seen by the XDP program, by verdict.",
+                        "action",
+                        bytes,
+                    )?;
+                    let drops = c.drops.iter().map(|(r, n)| (r.label(), *n));
+                    labelled_counter(
+                        &mut encoder,
+                        "lb_xdp_drops",
+                        "Packets the XDP program dropped, by reason.",
+                        "reason",
+                        drops,
+                    )?;
+                    let events = c.events.iter().map(|(e, n)| (e.label(), *n));
+                    labelled_counter(
+                        &mut encoder,
+                        "lb_xdp_flow_events",
+                        "Flow table events in the XDP program (hits, misses, inserts, ...).",
+                        "event",
+                        events,
+                    )?;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the XDP counters"),
             }
         }
         {

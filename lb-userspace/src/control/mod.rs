@@ -19,6 +19,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -43,7 +44,7 @@ const PIPE_SIZE: usize = 64 * 1024;
 /// Everything bound and built before the async runtime starts.
 pub struct Prepared {
     choice: dataplane::Choice,
-    services: Vec<(ServiceConfig, std::net::TcpListener, Service)>,
+    services: Vec<(ServiceConfig, Option<std::net::TcpListener>, Service)>,
     admin: Option<std::net::TcpListener>,
 }
 
@@ -88,9 +89,12 @@ pub fn run_daemon(
 /// Chooses the dataplane, builds every service and binds every socket: a port in use stops the
 /// start before anything serves.
 pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
-    let choice = dataplane::choose(config.dataplane.mode)?;
+    let choice = dataplane::choose(config)?;
     for (other, why) in &choice.passed_over {
         tracing::info!(dataplane = %other, "not used: {why}");
+    }
+    if let Some(xdp) = &choice.xdp {
+        tracing::info!(interface = %xdp.interface, mode = %xdp.mode, "XDP program attached; services are VIPs");
     }
     let mut services = Vec::new();
     for service in &config.services {
@@ -98,12 +102,16 @@ pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
         if let Some(digest) = built.selector.maglev_digest() {
             tracing::info!(service = %service.name, digest, "maglev table built");
         }
-        let listener = proxy::bind(service.listen).with_context(|| {
-            format!(
-                "service {}: cannot listen on {}",
-                service.name, service.listen
-            )
-        })?;
+        // With xdp the kernel answers for the VIP: nothing listens in userspace.
+        let listener = match choice.kind {
+            dataplane::Kind::Xdp => None,
+            dataplane::Kind::Proxy => Some(proxy::bind(service.listen).with_context(|| {
+                format!(
+                    "service {}: cannot listen on {}",
+                    service.name, service.listen
+                )
+            })?),
+        };
         services.push((service.clone(), listener, built));
     }
     let admin = match &config.admin {
@@ -157,6 +165,8 @@ pub struct Daemon {
     pub reloads_failed: AtomicU64,
     /// The current config (the last one applied).
     config: std::sync::Mutex<Config>,
+    /// The attached XDP program, in the xdp dataplane.
+    pub xdp: Option<crate::dataplane::vip::XdpRuntime>,
 }
 
 /// Why a reload did not apply.
@@ -171,6 +181,8 @@ pub enum ReloadError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot program the XDP maps")]
+    Xdp(#[source] crate::dataplane::vip::VipError),
     #[error("service {service}: cannot build backend selection; nothing changed")]
     Build {
         service: String,
@@ -237,18 +249,24 @@ impl Daemon {
                 }
             }
             None => {
-                let listener = listener.expect("a new service comes with its listener");
                 let state = Arc::new(ArcSwap::new(built));
                 let slots = Arc::new(Semaphore::new(max));
                 let stop = CancellationToken::new();
-                tracing::info!(service = %name, listen = %config.listen, "listening");
-                self.tasks.spawn(proxy::serve(
-                    listener,
-                    Arc::clone(&state),
-                    Arc::clone(&slots),
-                    Arc::clone(&self.shared),
-                    stop.clone(),
-                ));
+                match listener {
+                    Some(listener) => {
+                        tracing::info!(service = %name, listen = %config.listen, "listening");
+                        self.tasks.spawn(proxy::serve(
+                            listener,
+                            Arc::clone(&state),
+                            Arc::clone(&slots),
+                            Arc::clone(&self.shared),
+                            stop.clone(),
+                        ));
+                    }
+                    None => {
+                        tracing::info!(service = %name, vip = %config.listen, "VIP programmed in XDP")
+                    }
+                }
                 running.insert(
                     name,
                     Running {
@@ -293,6 +311,7 @@ impl Daemon {
         for service in &new.services {
             let previous = running.get(&service.name);
             let listener = match previous {
+                _ if self.xdp.is_some() => None,
                 Some(r) if r.listen == service.listen => None,
                 _ => Some(
                     proxy::bind(service.listen).map_err(|source| ReloadError::Bind {
@@ -329,6 +348,11 @@ impl Daemon {
             self.start_service(&mut running, service, listener, built);
         }
         let keep: Vec<&str> = new.services.iter().map(|s| s.name.as_str()).collect();
+        let removed_vips: Vec<std::net::SocketAddr> = running
+            .iter()
+            .filter(|(n, _)| !keep.contains(&n.as_str()))
+            .map(|(_, r)| r.listen)
+            .collect();
         running.retain(|name, r| {
             let kept = keep.contains(&name.as_str());
             if !kept {
@@ -355,6 +379,11 @@ impl Daemon {
             shutdown_timeout,
             ..new
         };
+        drop(config);
+        if let Some(xdp) = &self.xdp {
+            xdp.program(&self.services(), &removed_vips)
+                .map_err(ReloadError::Xdp)?;
+        }
         Ok(())
     }
 
@@ -376,6 +405,10 @@ impl Daemon {
             .find(|b| b.address == backend)
             .ok_or_else(|| format!("service {service:?} has no backend {backend}"))?;
         b.set_drained(drained);
+        if let Some(xdp) = &self.xdp {
+            xdp.program(&services, &[])
+                .map_err(|e| format!("cannot reprogram XDP: {e}"))?;
+        }
         tracing::info!(service, %backend, drained, "backend drain changed through the admin API");
         Ok(())
     }
@@ -389,7 +422,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let Prepared {
-        choice,
+        mut choice,
         services: prepared,
         admin: admin_listener,
     } = prepared;
@@ -411,17 +444,39 @@ pub async fn run(
         reloads_ok: AtomicU64::new(0),
         reloads_failed: AtomicU64::new(0),
         config: std::sync::Mutex::new(config.clone()),
+        xdp: choice.xdp.take(),
     });
     {
         let mut running = daemon.running.lock().await;
         for (service, listener, built) in prepared {
-            daemon.start_service(&mut running, service, Some(listener), built);
+            daemon.start_service(&mut running, service, listener, built);
         }
         *daemon.services.write().unwrap_or_else(|e| e.into_inner()) = config
             .services
             .iter()
             .map(|s| (s.name.clone(), Arc::clone(&running[&s.name].state)))
             .collect();
+    }
+    let stop_sync = CancellationToken::new();
+    if let Some(xdp) = &daemon.xdp {
+        xdp.program(&daemon.services(), &[])
+            .context("cannot program the XDP maps")?;
+        // Health feeds the kernel: push backend state and MACs every second.
+        let (daemon, stop) = (Arc::clone(&daemon), stop_sync.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = stop.cancelled() => return,
+                }
+                if let Some(xdp) = &daemon.xdp
+                    && let Err(e) = xdp.sync(&daemon.services())
+                {
+                    tracing::warn!(error = %e, "cannot sync backend state into XDP");
+                }
+            }
+        });
     }
     let stop_admin = CancellationToken::new();
     if let Some(listener) = admin_listener {
@@ -453,6 +508,7 @@ pub async fn run(
         }
     }
     stop_admin.cancel();
+    stop_sync.cancel();
     daemon.tasks.close();
     daemon.tasks.wait().await;
     let shared = &daemon.shared;

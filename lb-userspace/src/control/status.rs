@@ -62,7 +62,10 @@ pub fn render(status: &Value) -> String {
             service["name"].as_str().unwrap_or("?"),
             service["listen"].as_str().unwrap_or("?"),
             service["algorithm"].as_str().unwrap_or("?"),
-            service["table_digest"].as_str().map(|d| format!("  table {d}")).unwrap_or_default(),
+            service["table_digest"]
+                .as_str()
+                .map(|d| format!("  table {d}"))
+                .unwrap_or_default(),
         ));
         out.push_str(&format!(
             "  {:<40} {:>6} {:<9} {:>8} {:>12} {:>14} {:>14}\n",

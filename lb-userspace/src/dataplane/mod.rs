@@ -1,9 +1,8 @@
 //! The dataplanes, and which one carries traffic.
 //!
 //! - `proxy`: the daemon relays bytes itself (splice through pooled pipes). Needs nothing.
-//! - `xdp`: the XDP object's owner (load, pin, attach, counters). Today it attaches the
-//!   counting program; VIP balancing in the kernel is not built yet, so it never carries
-//!   service traffic and `auto` does not pick it.
+//! - `xdp`: the XDP object's owner (load, pin, attach, maps, counters), and `vip`, which
+//!   programs it from lb's state: VIP packets are balanced in the kernel before the stack.
 //! - sockmap: not built yet.
 //!
 //! `mode: auto` picks the best one that works and says which, and why not the others.
@@ -11,37 +10,35 @@
 pub mod pipes;
 pub mod proxy;
 pub mod relay;
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the xdp dataplane wires this in; until then it is exercised on a veth by its test"
-    )
-)]
+pub mod vip;
 pub mod xdp;
 
-use crate::config::DataplaneMode;
+use crate::config::{Config, DataplaneMode, ProxyProtocol};
 
 /// The dataplane that carries traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Proxy,
+    Xdp,
 }
 
 impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Proxy => "proxy",
+            Kind::Xdp => "xdp",
         }
     }
 }
 
-/// The choice and the reasons for it, for the log and `/status`.
-#[derive(Clone, Debug)]
+/// The choice, the reasons for it (for the log and `/status`), and for xdp the attached
+/// program.
+#[derive(Debug)]
 pub struct Choice {
     pub kind: Kind,
     /// Why each better dataplane was not used.
     pub passed_over: Vec<(&'static str, String)>,
+    pub xdp: Option<vip::XdpRuntime>,
 }
 
 /// Errors choosing a dataplane.
@@ -51,30 +48,69 @@ pub enum ChooseError {
     Unavailable { mode: &'static str, why: String },
 }
 
-const XDP_NOT_BUILT: &str = "VIP balancing in XDP is not implemented in this version";
 const SOCKMAP_NOT_BUILT: &str = "the sockmap dataplane is not implemented in this version";
 
-/// Picks the dataplane for `mode`.
-pub fn choose(mode: DataplaneMode) -> Result<Choice, ChooseError> {
-    match mode {
-        DataplaneMode::Proxy => Ok(Choice {
-            kind: Kind::Proxy,
-            passed_over: Vec::new(),
-        }),
-        DataplaneMode::Auto => Ok(Choice {
-            kind: Kind::Proxy,
-            passed_over: vec![
-                ("xdp", XDP_NOT_BUILT.to_owned()),
-                ("sockmap", SOCKMAP_NOT_BUILT.to_owned()),
-            ],
-        }),
-        DataplaneMode::Xdp => Err(ChooseError::Unavailable {
-            mode: "xdp",
-            why: XDP_NOT_BUILT.to_owned(),
-        }),
+/// The whole error chain on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Picks the dataplane for `config.dataplane.mode`; for xdp (explicit, or `auto` with an
+/// interface configured) this loads and attaches the program.
+pub fn choose(config: &Config) -> Result<Choice, ChooseError> {
+    let proxy = |passed_over| Choice {
+        kind: Kind::Proxy,
+        passed_over,
+        xdp: None,
+    };
+    let start_xdp = || vip::XdpRuntime::start(config).map_err(|e| chain(&e));
+    match config.dataplane.mode {
+        DataplaneMode::Proxy => Ok(proxy(Vec::new())),
+        DataplaneMode::Xdp => match start_xdp() {
+            Ok(rt) => Ok(Choice {
+                kind: Kind::Xdp,
+                passed_over: Vec::new(),
+                xdp: Some(rt),
+            }),
+            Err(why) => Err(ChooseError::Unavailable { mode: "xdp", why }),
+        },
         DataplaneMode::Sockmap => Err(ChooseError::Unavailable {
             mode: "sockmap",
             why: SOCKMAP_NOT_BUILT.to_owned(),
         }),
+        DataplaneMode::Auto => {
+            let xdp_why = if config.dataplane.xdp.is_none() {
+                "no dataplane.xdp.interface is configured".to_owned()
+            } else if config
+                .services
+                .iter()
+                .any(|s| s.proxy_protocol != ProxyProtocol::Off)
+            {
+                "a service sends PROXY headers, which XDP cannot".to_owned()
+            } else {
+                match start_xdp() {
+                    Ok(rt) => {
+                        let passed_over = Vec::new();
+                        return Ok(Choice {
+                            kind: Kind::Xdp,
+                            passed_over,
+                            xdp: Some(rt),
+                        });
+                    }
+                    Err(why) => why,
+                }
+            };
+            Ok(proxy(vec![
+                ("xdp", xdp_why),
+                ("sockmap", SOCKMAP_NOT_BUILT.to_owned()),
+            ]))
+        }
     }
 }

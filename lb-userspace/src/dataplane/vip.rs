@@ -1,0 +1,299 @@
+//! The xdp dataplane at run time: programs the kernel's maps from lb's state and keeps them
+//! current. Services become VIPs (their `listen` address), backends get stable ids (their order
+//! of first appearance in the config), each service gets a Maglev table, and a sync every
+//! second pushes health (up, draining, ejected) and backend MACs into the backend map.
+//!
+//! In the kernel every new flow is placed by Maglev consistent hashing: `source_hash` services
+//! hash the client IP, every other algorithm hashes client IP and port (a per-packet program
+//! cannot count connections or keep a round-robin cursor). Weights shape the table.
+//!
+//! Backend MACs come from the kernel's neighbour table (`/proc/net/arp`, IPv4); until a
+//! backend's MAC is known it is programmed down, and a TCP connect to it (which the health
+//! checks also do) makes the kernel resolve it.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use super::xdp::{AttachMode, ClientHash, XdpCounters, XdpDataplane, XdpError, XdpOptions};
+use crate::{
+    balance::{Algorithm, Candidate, Selector},
+    config::{Algorithm as ConfigAlgorithm, Config, XdpAttach},
+    state::Service,
+};
+
+/// Errors of the xdp runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum VipError {
+    #[error(transparent)]
+    Xdp(#[from] XdpError),
+    #[error("cannot read the MAC address of {interface}")]
+    InterfaceMac {
+        interface: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("service {service}: cannot build its Maglev table: {why}")]
+    Table { service: String, why: String },
+    #[error("more than {max} backends")]
+    TooManyBackends { max: u32 },
+}
+
+/// The loaded, attached XDP program and the ids lb gave backends.
+pub struct XdpRuntime {
+    dp: Mutex<XdpDataplane>,
+    pub interface: String,
+    pub mode: AttachMode,
+    forwarding: crate::config::Forwarding,
+    ids: Mutex<HashMap<SocketAddr, u32>>,
+    max_backends: u32,
+    /// Service id per VIP: stable across reloads (the kernel refuses an id held by another VIP).
+    service_ids: Mutex<HashMap<SocketAddr, u32>>,
+}
+
+impl std::fmt::Debug for XdpRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XdpRuntime")
+            .field("interface", &self.interface)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl XdpRuntime {
+    /// Loads (reusing pinned maps), attaches to `dataplane.xdp.interface` and sets the
+    /// interface MAC. Needs CAP_BPF and CAP_NET_ADMIN.
+    pub fn start(config: &Config) -> Result<XdpRuntime, VipError> {
+        let xdp = config
+            .dataplane
+            .xdp
+            .as_ref()
+            .expect("xdp mode is validated to have an interface");
+        let options = XdpOptions {
+            maglev_stride: config
+                .services
+                .iter()
+                .map(|s| s.maglev_table_size)
+                .max()
+                .unwrap_or(65_537),
+            max_services: u32::try_from(config.services.len())
+                .unwrap_or(u32::MAX)
+                .max(16),
+            flow_table_size: xdp.flow_table_size,
+            ..XdpOptions::default()
+        };
+        let mut dp = XdpDataplane::load(&config.dataplane.pin_path, &options)?;
+        let mode = dp.attach(
+            &xdp.interface,
+            match xdp.attach {
+                XdpAttach::Auto => None,
+                XdpAttach::Native => Some(AttachMode::Native),
+                XdpAttach::Generic => Some(AttachMode::Generic),
+            },
+        )?;
+        let mac = interface_mac(&xdp.interface).map_err(|source| VipError::InterfaceMac {
+            interface: xdp.interface.clone(),
+            source,
+        })?;
+        dp.set_interface_mac(mac)?;
+        Ok(XdpRuntime {
+            dp: Mutex::new(dp),
+            interface: xdp.interface.clone(),
+            mode,
+            forwarding: xdp.forwarding,
+            ids: Mutex::new(HashMap::new()),
+            max_backends: options.max_backends,
+            service_ids: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn id_of(&self, address: SocketAddr) -> Result<u32, VipError> {
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        let next = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+        if let Some(&id) = ids.get(&address) {
+            return Ok(id);
+        }
+        if next >= self.max_backends {
+            return Err(VipError::TooManyBackends {
+                max: self.max_backends,
+            });
+        }
+        ids.insert(address, next);
+        Ok(next)
+    }
+
+    /// Programs every service (VIP, Maglev table) and backend; removes VIPs in `removed`.
+    pub fn program(
+        &self,
+        services: &[(String, Arc<Service>)],
+        removed: &[SocketAddr],
+    ) -> Result<(), VipError> {
+        let mut dp = self.dp.lock().unwrap_or_else(|e| e.into_inner());
+        let mut service_ids = self.service_ids.lock().unwrap_or_else(|e| e.into_inner());
+        for vip in removed {
+            dp.remove_service(*vip)?;
+            service_ids.remove(vip);
+        }
+        for (name, service) in services {
+            let ids: Vec<u32> = service
+                .backends
+                .iter()
+                .map(|b| self.id_of(b.address))
+                .collect::<Result<_, _>>()?;
+            for backend in &service.backends {
+                let id = self.id_of(backend.address)?;
+                let mac = neighbour_mac(backend.address.ip());
+                dp.set_backend(
+                    id,
+                    backend.address,
+                    mac.unwrap_or_default(),
+                    mac.is_some() && alive(backend),
+                )?;
+            }
+            let (algorithm, hash) = match service.config.algorithm {
+                ConfigAlgorithm::SourceHash => (Algorithm::SourceHash, ClientHash::Ip),
+                _ => (Algorithm::Maglev, ClientHash::IpPort),
+            };
+            let candidates: Vec<Candidate> = service
+                .backends
+                .iter()
+                // Drained backends leave the table (no new flows) but stay up (flows continue).
+                .map(|b| Candidate {
+                    key: b.address.to_string(),
+                    weight: if b.drained() { 0 } else { b.weight() },
+                })
+                .collect();
+            let selector = Selector::new(
+                algorithm,
+                &candidates,
+                service.config.maglev_table_size as usize,
+            )
+            .map_err(|e| VipError::Table {
+                service: name.clone(),
+                why: e.to_string(),
+            })?;
+            let view = selector.maglev_table().ok_or_else(|| VipError::Table {
+                service: name.clone(),
+                why: "no table was built".to_owned(),
+            })?;
+            let table: Vec<u32> = view.entries().iter().map(|&i| ids[i as usize]).collect();
+            let vip = service.config.listen;
+            let id = match service_ids.get(&vip) {
+                Some(&id) => id,
+                None => {
+                    let used: Vec<u32> = service_ids.values().copied().collect();
+                    let id = (0..).find(|i| !used.contains(i)).unwrap_or(0);
+                    service_ids.insert(vip, id);
+                    id
+                }
+            };
+            dp.set_service(vip, id, self.forwarding, hash, &table)?;
+        }
+        Ok(())
+    }
+
+    /// Pushes each backend's state (up, draining, ejected) and MAC into the backend map.
+    pub fn sync(&self, services: &[(String, Arc<Service>)]) -> Result<(), VipError> {
+        let mut dp = self.dp.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, service) in services {
+            for backend in &service.backends {
+                let id = self.id_of(backend.address)?;
+                let mac = neighbour_mac(backend.address.ip());
+                if mac.is_none() {
+                    // Make the kernel resolve it; the next sync programs it.
+                    let addr = backend.address;
+                    std::thread::spawn(move || {
+                        let _ =
+                            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500));
+                    });
+                }
+                dp.set_backend(
+                    id,
+                    backend.address,
+                    mac.unwrap_or_default(),
+                    mac.is_some() && alive(backend),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel's counters, summed over CPUs.
+    pub fn counters(&self) -> Result<XdpCounters, VipError> {
+        Ok(self
+            .dp
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .counters()?)
+    }
+}
+
+/// Whether the kernel may keep sending a backend packets: healthy and not ejected. A backend
+/// that is not is skipped by the tables and loses its flows (each is placed again on its next
+/// packet). Weight 0, drain and removal from the config only take it out of the tables, so its
+/// established flows carry on: that is how the xdp dataplane drains.
+fn alive(backend: &crate::state::Backend) -> bool {
+    backend.health() == crate::state::Health::Up && !backend.ejected()
+}
+
+/// The interface's MAC, from sysfs.
+fn interface_mac(interface: &str) -> std::io::Result<[u8; 6]> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{interface}/address"))?;
+    parse_mac(text.trim()).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, text))
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// A resolved neighbour's MAC (IPv4, from /proc/net/arp: flag 0x2 = complete).
+fn neighbour_mac(ip: IpAddr) -> Option<[u8; 6]> {
+    let IpAddr::V4(v4) = ip else { return None };
+    let table = std::fs::read_to_string("/proc/net/arp").ok()?;
+    parse_arp(&table, v4)
+}
+
+fn parse_arp(table: &str, ip: std::net::Ipv4Addr) -> Option<[u8; 6]> {
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let flags = u32::from_str_radix(f.get(2)?.trim_start_matches("0x"), 16).ok()?;
+        (f.first()?.parse::<std::net::Ipv4Addr>().ok()? == ip && flags & 0x2 != 0)
+            .then(|| parse_mac(f.get(3)?))
+            .flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arp_table_lines() {
+        let table = "IP address       HW type     Flags       HW address            Mask     Device\n\
+                     10.0.0.11        0x1         0x2         02:42:ac:11:00:02     *        eth0\n\
+                     10.0.0.12        0x1         0x0         00:00:00:00:00:00     *        eth0\n";
+        assert_eq!(
+            parse_arp(table, "10.0.0.11".parse().unwrap()),
+            Some([2, 0x42, 0xac, 0x11, 0, 2])
+        );
+        assert_eq!(
+            parse_arp(table, "10.0.0.12".parse().unwrap()),
+            None,
+            "incomplete entries are not used"
+        );
+        assert_eq!(parse_arp(table, "10.0.0.13".parse().unwrap()), None);
+        assert_eq!(
+            parse_mac("aa:bb:cc:dd:ee:ff"),
+            Some([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff])
+        );
+        assert_eq!(parse_mac("aa:bb:cc:dd:ee"), None);
+    }
+}
