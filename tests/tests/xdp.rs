@@ -291,3 +291,77 @@ fn xdp_nat_balances_vip_connections_with_exact_bytes() {
         s.join().unwrap();
     }
 }
+
+#[test]
+fn xdp_backend_down_moves_new_flows_and_leaves_established_ones() {
+    if !lb_tests::privileged("xdp_backend_down_moves_new_flows_and_leaves_established_ones") {
+        return;
+    }
+    let topo = Topology::new();
+    let stops: Vec<Arc<AtomicBool>> = (0..2).map(|_| Arc::new(AtomicBool::new(false))).collect();
+    let servers: Vec<_> = topo
+        .backends
+        .iter()
+        .zip(["b1", "b2"])
+        .zip(&stops)
+        .map(|((ns, name), stop)| backend(ns, name, Arc::clone(stop)))
+        .collect();
+    let _pass = LbXdp::start(&topo.sw, &topo.lb_peer, "nat", "services: []\n", "starting");
+    let _lb = LbXdp::start(&topo.lb, &topo.lb_if, "nat", WEB, "VIP programmed in XDP");
+    thread::sleep(Duration::from_millis(2500));
+
+    // An established connection to each backend, kept open by a thread in the client namespace.
+    let (to_client, from_test) = std::sync::mpsc::channel::<()>();
+    let (report, results) = std::sync::mpsc::channel::<(String, bool)>();
+    let client_path = format!("/var/run/netns/{}", topo.client.name);
+    let holder = thread::spawn(move || {
+        let f = std::fs::File::open(client_path).unwrap();
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let vip: SocketAddr = VIP.parse().unwrap();
+        let mut held: Vec<(String, TcpStream)> = Vec::new();
+        for _ in 0..40 {
+            let s = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            let name = line.trim().to_owned();
+            if !held.iter().any(|(n, _)| *n == name) {
+                held.push((name, s));
+            }
+            if held.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(held.len(), 2, "found a connection to each backend");
+        from_test.recv().unwrap();
+        // After b2 went down: b1's connection still echoes.
+        for (name, mut s) in held {
+            let ok = s.write_all(b"still there?").is_ok() && {
+                let mut buf = [0u8; 12];
+                s.read_exact(&mut buf).is_ok() && &buf == b"still there?"
+            };
+            report.send((name, ok)).unwrap();
+        }
+    });
+    thread::sleep(Duration::from_millis(500));
+    // b2 stops listening: its health checks fail (fall 2 x 500 ms) and it goes down.
+    stops[1].store(true, Ordering::Relaxed);
+    thread::sleep(Duration::from_millis(2500));
+    let names = names_seen(&topo, 40);
+    assert!(
+        names.iter().all(|n| n == "b1"),
+        "new flows avoid the down backend: {names:?}"
+    );
+    to_client.send(()).unwrap();
+    let results: Vec<(String, bool)> = results.iter().take(2).collect();
+    holder.join().unwrap();
+    let b1 = results.iter().find(|(n, _)| n == "b1").unwrap();
+    assert!(
+        b1.1,
+        "the established flow on b1 was disturbed: {results:?}"
+    );
+    stops[0].store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().unwrap();
+    }
+}
