@@ -639,3 +639,64 @@ fn weight_0_and_drain_stop_new_connections_but_not_open_ones() {
         one_exchange(held, b"the end");
     });
 }
+
+#[test]
+fn consecutive_connect_failures_eject_a_backend_within_max_percent_and_it_comes_back() {
+    for_each_dataplane(|dataplane| {
+        if !lb_tests::terminates_tcp(dataplane) {
+            return;
+        }
+        let good = Backend::echo();
+        // Nothing listens here yet: every connect is refused.
+        let flaky_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), free_port());
+        let spec = ServiceSpec::new("eject", &[good.addr(), flaky_addr]).retries(1);
+        let lb = AdminLb::start(&LbConfig::new(dataplane, vec![spec]), |doc| {
+            set(
+                doc,
+                "eject",
+                "ejection",
+                "{consecutive_failures: 3, base_time: 1s, max_time: 4s, max_percent: 50}",
+            );
+        });
+        // Round robin sends every other connection to the refused backend; retries save them.
+        for i in 0..20 {
+            one_exchange(
+                connect(lb.addr()),
+                format!("during ejection {i}").as_bytes(),
+            );
+        }
+        let labels_owned = flaky_addr.to_string();
+        let labels = [("service", "eject"), ("backend", labels_owned.as_str())];
+        let m = lb.metrics();
+        assert_eq!(
+            m.get("lb_ejections_total", &labels),
+            1,
+            "ejected once after 3 failures in a row"
+        );
+        assert_eq!(
+            m.get("lb_connect_failures_total", &labels),
+            3,
+            "no connect tried while ejected"
+        );
+        assert_eq!(lb.status().state("eject", flaky_addr), "down");
+        // max_percent 50 of 2 backends: the good one is never ejected, whatever happens.
+        assert_eq!(lb.status().state("eject", good.addr()), "up");
+        // The ejection lasts base_time (1 s); then the backend is back, listening now.
+        let _back = Backend::echo_at(flaky_addr).expect("listen on the refused address");
+        assert!(
+            wait_until(Duration::from_secs(3), || lb
+                .status()
+                .state("eject", flaky_addr)
+                == "up"),
+            "the ejection did not end after base_time"
+        );
+        let before = lb.status().number("eject", flaky_addr, "connections_total");
+        for i in 0..4 {
+            one_exchange(connect(lb.addr()), format!("after ejection {i}").as_bytes());
+        }
+        assert!(
+            lb.status().number("eject", flaky_addr, "connections_total") > before,
+            "the backend takes traffic again"
+        );
+    });
+}
