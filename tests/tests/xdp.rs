@@ -2,7 +2,9 @@
 //! XDP program on its interface, a client and two backends in namespaces of their own, all on
 //! one bridge. NAT forwarding: the client talks to the VIP, lb's XDP program rewrites each
 //! packet to a backend and sends it back out (XDP_TX); the backends route their replies to
-//! the client's subnet through lb, where the program rewrites them back to the VIP.
+//! the client's subnet through lb, where the program rewrites them back to the VIP. DSR
+//! forwarding: the program only rewrites MACs; the backends hold the VIP on their loopback
+//! (answering no ARP for it) and reply straight to the client over the bridge.
 //!
 //! ```text
 //!  client 10.77.9.2 ──┐                 ┌── lb  10.77.0.1, 10.77.9.1, VIP 10.77.9.100 (XDP)
@@ -52,8 +54,17 @@ fn plug(sw: &NetNs, ns: &NetNs, inner: &str) -> String {
     outer
 }
 
+/// How the backends send their replies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Replies {
+    /// NAT: to the client's subnet through lb.
+    ThroughLb,
+    /// DSR: from the VIP, straight to the client (an address in its subnet on the bridge).
+    Direct,
+}
+
 impl Topology {
-    fn new() -> Topology {
+    fn new(replies: Replies) -> Topology {
         let sw = NetNs::new("lbsw");
         sw.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
         sw.exec(&["ip", "link", "set", "br0", "up"]);
@@ -71,8 +82,31 @@ impl Topology {
             let ns = NetNs::new(&format!("lbb{i}"));
             plug(&sw, &ns, "e0");
             ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "e0"]);
-            // NAT: replies to the client's subnet go back through lb.
-            ns.exec(&["ip", "route", "add", "10.77.9.0/24", "via", "10.77.0.1"]);
+            match replies {
+                // NAT: replies to the client's subnet go back through lb.
+                Replies::ThroughLb => {
+                    ns.exec(&["ip", "route", "add", "10.77.9.0/24", "via", "10.77.0.1"]);
+                }
+                // DSR: the VIP on loopback, never announced or answered for in ARP (lb
+                // answers for it), and the client's subnet on the bridge itself.
+                Replies::Direct => {
+                    ns.exec(&["ip", "addr", "add", "10.77.9.100/32", "dev", "lo"]);
+                    for conf in ["all", "e0"] {
+                        ns.exec(&[
+                            "sysctl",
+                            "-qw",
+                            &format!("net.ipv4.conf.{conf}.arp_ignore=1"),
+                        ]);
+                        ns.exec(&[
+                            "sysctl",
+                            "-qw",
+                            &format!("net.ipv4.conf.{conf}.arp_announce=2"),
+                        ]);
+                    }
+                    let own = format!("10.77.9.{}/24", 11 + i);
+                    ns.exec(&["ip", "addr", "add", &own, "dev", "e0"]);
+                }
+            }
             backends.push(ns);
         }
         Topology {
@@ -215,12 +249,65 @@ fn names_seen(topo: &Topology, n: usize) -> Vec<String> {
     })
 }
 
+/// Sends `len` bytes through the VIP and reads them echoed back; true if they match.
+fn exact_bytes(topo: &Topology, len: u32) -> bool {
+    in_ns(&topo.client, move || {
+        let vip: SocketAddr = VIP.parse().unwrap();
+        let s = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let sent = data.clone();
+        let mut w = s.try_clone().unwrap();
+        let writer = thread::spawn(move || {
+            w.write_all(&sent).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        });
+        let mut back = Vec::new();
+        reader.read_to_end(&mut back).unwrap();
+        writer.join().unwrap();
+        back == data
+    })
+}
+
+/// Sums a per-CPU counter of a pinned map over CPUs (`field` for struct values), with bpftool
+/// (its BTF-formatted view).
+fn percpu_sum(map: &str, key: u32, field: Option<&str>) -> u64 {
+    let key = key.to_le_bytes().map(|b| b.to_string());
+    let mut args = vec!["bpftool", "-j", "map", "lookup", "pinned", map, "key"];
+    args.extend(key.iter().map(String::as_str));
+    let out = sh(&args);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bpftool JSON for {map}: {e}"));
+    let formatted = &v["formatted"];
+    let values = formatted["values"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no formatted per-CPU values in {v}"));
+    values
+        .iter()
+        .map(|cpu| {
+            let value = &cpu["value"];
+            let value = match field {
+                Some(f) => &value[f],
+                None => value,
+            };
+            value
+                .as_u64()
+                .unwrap_or_else(|| panic!("not a number: {value} in {v}"))
+        })
+        .sum()
+}
+
 #[test]
 fn xdp_nat_balances_vip_connections_with_exact_bytes() {
     if !lb_tests::privileged("xdp_nat_balances_vip_connections_with_exact_bytes") {
         return;
     }
-    let topo = Topology::new();
+    let topo = Topology::new(Replies::ThroughLb);
     let stop = Arc::new(AtomicBool::new(false));
     let servers: Vec<_> = topo
         .backends
@@ -249,27 +336,7 @@ fn xdp_nat_balances_vip_connections_with_exact_bytes() {
     );
 
     // 8 MiB both ways through one connection, byte for byte.
-    let ok = in_ns(&topo.client, || {
-        let vip: SocketAddr = VIP.parse().unwrap();
-        let s = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut reader = BufReader::new(s.try_clone().unwrap());
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        let data: Vec<u8> = (0..8u32 << 20)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
-        let sent = data.clone();
-        let mut w = s.try_clone().unwrap();
-        let writer = thread::spawn(move || {
-            w.write_all(&sent).unwrap();
-            w.shutdown(Shutdown::Write).unwrap();
-        });
-        let mut back = Vec::new();
-        reader.read_to_end(&mut back).unwrap();
-        writer.join().unwrap();
-        back == data
-    });
+    let ok = exact_bytes(&topo, 8 << 20);
     assert!(ok, "bytes through the XDP NAT path differ");
 
     // The program did the forwarding: XDP_TX counted, and flows placed.
@@ -297,7 +364,7 @@ fn xdp_backend_down_moves_new_flows_and_leaves_established_ones() {
     if !lb_tests::privileged("xdp_backend_down_moves_new_flows_and_leaves_established_ones") {
         return;
     }
-    let topo = Topology::new();
+    let topo = Topology::new(Replies::ThroughLb);
     let stops: Vec<Arc<AtomicBool>> = (0..2).map(|_| Arc::new(AtomicBool::new(false))).collect();
     let servers: Vec<_> = topo
         .backends
@@ -361,6 +428,71 @@ fn xdp_backend_down_moves_new_flows_and_leaves_established_ones() {
         "the established flow on b1 was disturbed: {results:?}"
     );
     stops[0].store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().unwrap();
+    }
+}
+
+#[test]
+fn xdp_dsr_balances_and_backends_reply_straight_to_the_client() {
+    if !lb_tests::privileged("xdp_dsr_balances_and_backends_reply_straight_to_the_client") {
+        return;
+    }
+    let topo = Topology::new(Replies::Direct);
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers: Vec<_> = topo
+        .backends
+        .iter()
+        .zip(["b1", "b2"])
+        .map(|(ns, name)| backend(ns, name, Arc::clone(&stop)))
+        .collect();
+    let _pass = LbXdp::start(&topo.sw, &topo.lb_peer, "nat", "services: []\n", "starting");
+    let lb = LbXdp::start(&topo.lb, &topo.lb_if, "dsr", WEB, "VIP programmed in XDP");
+    thread::sleep(Duration::from_millis(2500));
+    let stats = format!("{}/lb/XDP_STATS", lb.bpffs);
+    let events = format!("{}/lb/XDP_EVENTS", lb.bpffs);
+    const XDP_TX: u32 = 3;
+    const XDP_PASS: u32 = 2;
+    const NAT_REPLY: u32 = 5;
+    let tx_before = percpu_sum(&stats, XDP_TX, Some("bytes"));
+    let pass_before = percpu_sum(&stats, XDP_PASS, Some("bytes"));
+
+    let names = names_seen(&topo, 100);
+    let b1 = names.iter().filter(|n| *n == "b1").count();
+    let b2 = names.iter().filter(|n| *n == "b2").count();
+    assert_eq!(
+        b1 + b2,
+        100,
+        "every connection reached a backend: {names:?}"
+    );
+    assert!(
+        b1 >= 25 && b2 >= 25,
+        "Maglev spreads 1:1 weights over both backends: b1 {b1}, b2 {b2}"
+    );
+    let len = 8u32 << 20;
+    assert!(
+        exact_bytes(&topo, len),
+        "bytes through the XDP DSR path differ"
+    );
+
+    // Client to backend went through the program (XDP_TX, at least the payload); backend to
+    // client never did: no reply was rewritten.
+    let tx = percpu_sum(&stats, XDP_TX, Some("bytes")) - tx_before;
+    assert!(
+        tx >= u64::from(len),
+        "XDP_TX carried {tx} bytes, less than the {len} sent"
+    );
+    assert_eq!(
+        percpu_sum(&events, NAT_REPLY, None),
+        0,
+        "a DSR reply was rewritten by lb"
+    );
+    let passed = percpu_sum(&stats, XDP_PASS, Some("bytes")) - pass_before;
+    assert!(
+        passed < u64::from(len / 2),
+        "{passed} bytes reached lb's interface and passed: the echo came back through lb"
+    );
+    stop.store(true, Ordering::Relaxed);
     for s in servers {
         s.join().unwrap();
     }
