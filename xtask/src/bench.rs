@@ -1,3 +1,350 @@
-pub fn bench(_r: usize, _s: u64, _o: Option<&str>) -> anyhow::Result<()> {
-    anyhow::bail!("bench")
+//! `cargo xtask bench`: lb side by side with no balancer, HAProxy and nginx, on this machine,
+//! all on 127.0.0.1, in one run; writes docs/benchmarks.md and prints the same tables.
+//!
+//! - `peers`: each balancer writes its config into a temp dir and runs as a child process
+//!   (killed on drop, and if the bench dies); the backends behind them.
+//! - `figures`: what is measured (wrk, iperf3, RSS under idle connections) and how.
+//! - `report`: medians and tables, each value as a ratio to no balancer and to the best peer.
+//! - `procs`: child processes, bounded commands, ports, RSS, temp dirs.
+//!
+//! Runs are interleaved (run 1 of every peer, then run 2, ...) so a burst of load from
+//! elsewhere on the machine lands on all peers rather than on one.
+
+mod figures;
+mod peers;
+mod procs;
+mod report;
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::util::{cargo, root, step};
+use figures::{Figure, IDLE_CONNECTIONS, Sample};
+use peers::{Ctx, HoldBackend, HttpBackends, IperfServer, Peer, http_check};
+use procs::{TempDir, raise_nofile};
+use report::Results;
+
+/// Worker threads given to every peer (and to the load generator).
+const THREADS: [usize; 2] = [1, 2];
+/// nginx workers serving HTTP behind the balancers (and to wrk directly, for no balancer).
+const HTTP_BACKEND_WORKERS: usize = 2;
+const HTTP_BACKEND_PORTS: usize = 3;
+
+pub fn bench(runs: usize, seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
+    let (figures, peers) = select(only)?;
+    let runs = runs.max(1);
+    let seconds = seconds.max(1);
+    let command = command_line(runs, seconds, only);
+    step("bench: peers and load tools (Debian packages)", || {
+        crate::setup::apt_install(&["haproxy", "nginx", "libnginx-mod-stream", "wrk", "iperf3"])
+    })?;
+    step("build lb (release)", || {
+        cargo(&["build", "--release", "-p", "lb-userspace"], &[])
+    })?;
+    let nofile = raise_nofile().context("cannot raise the open-files limit")?;
+    if figures.contains(&Figure::Rss) && nofile < 2 * IDLE_CONNECTIONS as u64 + 100 {
+        bail!(
+            "the open-files hard limit is {nofile}: the memory figure holds {} sockets here",
+            2 * IDLE_CONNECTIONS
+        );
+    }
+    let started = Instant::now();
+    let load_before = loadavg();
+    let tmp = TempDir::new("lb-bench")?;
+    let mut ctx = Ctx::new(root().join("target/release/lb"), tmp.path().to_owned());
+    let mut results = Results::new();
+    for &figure in &figures {
+        step(&format!("bench: {}", figure.title()), || {
+            run_figure(figure, &peers, runs, seconds, &mut ctx, &mut results)
+        })?;
+    }
+    let elapsed = started.elapsed();
+
+    let mut doc = header(&command, runs, seconds, elapsed, &load_before);
+    let mut tables = String::new();
+    for &figure in &figures {
+        let _ = write!(
+            tables,
+            "\n## {}\n\n{}\n\nBehind the balancers: {}.\n\n{}",
+            figure.title(),
+            figure.how(seconds),
+            figures::backends_note(figure),
+            report::table(figure, &THREADS, &peers, &results)
+        );
+    }
+    doc.push_str(&tables);
+    let path = root().join("docs/benchmarks.md");
+    std::fs::write(&path, &doc).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("{tables}");
+    println!(
+        "bench: {} in {:.1} min; written to {}",
+        command,
+        elapsed.as_secs_f64() / 60.0,
+        path.display()
+    );
+    Ok(())
+}
+
+/// `--only`: figure keys; `relay` narrows the peers to lb's two relays and no balancer.
+fn select(only: Option<&str>) -> anyhow::Result<(Vec<Figure>, Vec<Peer>)> {
+    let mut figures = Vec::new();
+    let mut relay_only = false;
+    for key in only.unwrap_or("").split(',').map(str::trim) {
+        if key.is_empty() {
+            continue;
+        }
+        if key == "relay" {
+            relay_only = true;
+            continue;
+        }
+        match Figure::ALL.iter().find(|f| f.key() == key) {
+            Some(f) if !figures.contains(f) => figures.push(*f),
+            Some(_) => {}
+            None => bail!(
+                "--only: unknown figure {key:?}; figures are rr, conn, bulk, rss \
+                 (and relay: only lb splice, lb copy and no balancer)"
+            ),
+        }
+    }
+    if figures.is_empty() {
+        figures = Figure::ALL.to_vec();
+    }
+    figures.sort();
+    let peers = if relay_only {
+        vec![Peer::None, Peer::LbSplice, Peer::LbCopy]
+    } else {
+        Peer::ALL.to_vec()
+    };
+    Ok((figures, peers))
+}
+
+/// The backends a figure's peers balance to.
+enum Backends {
+    Http(HttpBackends),
+    Iperf(IperfServer),
+    Hold(HoldBackend),
+}
+
+impl Backends {
+    fn start(figure: Figure, ctx: &mut Ctx) -> anyhow::Result<Backends> {
+        Ok(match figure {
+            Figure::Rr | Figure::Conn => Backends::Http(HttpBackends::start(
+                ctx,
+                HTTP_BACKEND_PORTS,
+                HTTP_BACKEND_WORKERS,
+            )?),
+            Figure::Bulk => Backends::Iperf(IperfServer::start(ctx)?),
+            Figure::Rss => Backends::Hold(HoldBackend::start(ctx)?),
+        })
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        match self {
+            Backends::Http(h) => h.addrs.clone(),
+            Backends::Iperf(i) => vec![i.addr],
+            Backends::Hold(h) => vec![h.addr],
+        }
+    }
+}
+
+fn run_figure(
+    figure: Figure,
+    peers: &[Peer],
+    runs: usize,
+    seconds: u64,
+    ctx: &mut Ctx,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let backends = Backends::start(figure, ctx)?;
+    let addrs = backends.addrs();
+    let hold = match &backends {
+        Backends::Hold(h) => Some(h),
+        _ => None,
+    };
+    let scratch = ctx.dir.join("scratch");
+    std::fs::create_dir_all(&scratch)?;
+    let peers: Vec<Peer> = peers
+        .iter()
+        .copied()
+        .filter(|p| figure.applies_to(*p))
+        .collect();
+    for threads in THREADS {
+        for run in 1..=runs {
+            for &peer in &peers {
+                let outcome = (|| -> anyhow::Result<Sample> {
+                    let mut running = peer.start(ctx, threads, &addrs)?;
+                    if matches!(figure, Figure::Rr | Figure::Conn) {
+                        http_check(running.frontend)
+                            .with_context(|| format!("{} does not relay HTTP", peer.name()))?;
+                    }
+                    figure.measure(&mut running, threads, seconds, hold, &scratch)
+                })();
+                let shown = match &outcome {
+                    Ok(s) => figure
+                        .metrics()
+                        .iter()
+                        .zip(&s.values)
+                        .map(|(m, v)| format!("{v:.prec$} {}", m.name, prec = m.decimals.max(1)))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    Err(e) => format!("FAILED: {e:#}"),
+                };
+                eprintln!(
+                    "    {:<4} threads {threads} run {run}/{runs}  {:<12} {shown}",
+                    figure.key(),
+                    peer.name()
+                );
+                results
+                    .entry((figure, threads, peer))
+                    .or_default()
+                    .push(outcome.map_err(|e| format!("{e:#}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn header(
+    command: &str,
+    runs: usize,
+    seconds: u64,
+    elapsed: Duration,
+    load_before: &str,
+) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let date = first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let commit = first_line(
+        "git",
+        &[
+            "-C",
+            &root().to_string_lossy(),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ],
+    );
+    let dirty = !first_line(
+        "git",
+        &["-C", &root().to_string_lossy(), "status", "--porcelain"],
+    )
+    .is_empty();
+    let word = |line: String, n: usize| {
+        line.split_whitespace()
+            .nth(n)
+            .unwrap_or("?")
+            .trim_start_matches("nginx/")
+            .to_owned()
+    };
+    let haproxy = word(first_line("haproxy", &["-v"]), 2);
+    let nginx = word(first_line("nginx", &["-v"]), 2);
+    let wrk = word(first_line("wrk", &["-v"]), 1);
+    let iperf3 = word(first_line("iperf3", &["-v"]), 1);
+    format!(
+        "# Benchmarks\n\n\
+         lb side by side with no balancer, HAProxy and nginx, on one machine, everything on \
+         127.0.0.1. Written by `cargo xtask bench` (xtask/src/bench.rs): run it again rather \
+         than editing this file.\n\n\
+         - Date: {date}\n\
+         - Command: `{command}` (took {:.1} min)\n\
+         - Machine: {nproc} CPUs, {cpu}, Linux {kernel}; load average before the run: \
+         {load_before}, after: {} (the machine is shared)\n\
+         - lb: commit {commit}{}, release build, proxy dataplane (`--dataplane proxy`), \
+         `--workers T`; HAProxy {haproxy} (`mode tcp`, `option splice-auto`, `nbthread T`); \
+         nginx {nginx} (stream, `worker_processes T`); wrk {wrk}; iperf3 {iperf3}\n\
+         - Each value is the median of {runs} run(s) of {seconds} s; in each run every peer \
+         is started afresh, measured, and stopped, one after the other.\n\n\
+         ## How to read this\n\n\
+         - Each cell is `value (vs none, vs best)`: the median, then its ratio to no balancer \
+         (the client straight to the backend: what this machine can do without a second hop) \
+         and to the best peer, the better of HAProxy and nginx at the same thread count \
+         (the higher rate, the lower latency or memory).\n\
+         - For rates (req/s, conn/s, Gbit/s) higher is better: a `vs best` above 1.00 means \
+         lb beats both peers. For latency and memory lower is better: above 1.00 means lb uses \
+         more than the better peer.\n\
+         - threads (T) is given to every peer and to the load generator: lb `--workers T`, \
+         HAProxy `nbthread T`, nginx `worker_processes T`, `wrk -tT`, `iperf3 -P T`.\n\
+         - The load generator, the balancer and the backends share the same {nproc} CPUs, so \
+         a balancer's cost shows up as a lower rate for everyone: a balancer that spends as \
+         much CPU per request as the backend roughly halves the rate (a `vs none` near 0.5). \
+         Absolute numbers move from run to run on a shared machine; compare ratios within \
+         one run.\n\
+         - lb (splice) relays with splice(2) through pooled pipes; lb (copy) with read/write \
+         through a buffer (`LB_RELAY=copy`).\n",
+        elapsed.as_secs_f64() / 60.0,
+        loadavg(),
+        if dirty { " (with local changes)" } else { "" },
+    )
+}
+
+fn command_line(runs: usize, seconds: u64, only: Option<&str>) -> String {
+    let mut c = String::from("cargo xtask bench");
+    if runs != 3 {
+        let _ = write!(c, " --runs {runs}");
+    }
+    if seconds != 5 {
+        let _ = write!(c, " --seconds {seconds}");
+    }
+    if let Some(o) = only {
+        let _ = write!(c, " --only {o}");
+    }
+    c
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The first line a command prints (stdout, else stderr), whatever its exit status.
+fn first_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            let out = String::from_utf8_lossy(&o.stdout).into_owned();
+            let text = if out.trim().is_empty() {
+                String::from_utf8_lossy(&o.stderr).into_owned()
+            } else {
+                out
+            };
+            text.lines().next().unwrap_or("").trim().to_owned()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only() {
+        let (f, p) = select(None).unwrap();
+        assert_eq!((f.len(), p.len()), (4, 5));
+        let (f, p) = select(Some("rss, rr,rr")).unwrap();
+        assert_eq!(f, [Figure::Rr, Figure::Rss]);
+        assert_eq!(p.len(), 5);
+        let (f, p) = select(Some("relay")).unwrap();
+        assert_eq!(f.len(), 4);
+        assert_eq!(p, [Peer::None, Peer::LbSplice, Peer::LbCopy]);
+        assert!(select(Some("rps")).is_err());
+    }
 }
