@@ -29,6 +29,11 @@ pub enum Command {
         /// Worker threads for the daemon's runtime (default: one per CPU).
         #[arg(long, value_name = "N")]
         workers: Option<std::num::NonZeroUsize>,
+        /// xdp: start from clean state. Removes the maps and the XDP link pinned under
+        /// `pin_path` first: the program a previous daemon left attached is detached and its
+        /// established flows are forgotten.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Validate a configuration file and exit: 0 if valid, else 1 with FILE:LINE:COL errors.
     Check {

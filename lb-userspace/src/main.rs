@@ -46,6 +46,7 @@ fn main() -> ExitCode {
             config: path,
             dataplane,
             workers,
+            fresh,
         } => {
             // Load and validate before binding or attaching anything.
             let mut config = match config::load(&path) {
@@ -62,7 +63,7 @@ fn main() -> ExitCode {
                 eprintln!("{conflicts}");
                 return ExitCode::from(EXIT_BAD_CONFIG);
             }
-            match control::run_daemon(path, config, workers) {
+            match control::run_daemon(path, config, workers, fresh) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     tracing::error!("{error:#}");

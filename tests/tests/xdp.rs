@@ -166,7 +166,9 @@ fn in_ns<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'static) 
 struct LbXdp {
     child: Child,
     bpffs: String,
+    dir: std::path::PathBuf,
     log: String,
+    starts: u32,
 }
 
 const WEB: &str = "services:\n  - name: web\n    listen: \"10.77.9.100:80\"\n    algorithm: maglev\n    maglev_table_size: 5003\n    backends:\n\
@@ -183,15 +185,28 @@ impl LbXdp {
         let config = format!(
             "dataplane:\n  mode: xdp\n  pin_path: {bpffs}/lb\n  xdp:\n    interface: {interface}\n    forwarding: {forwarding}\nshutdown_timeout: 2s\n{services}"
         );
-        let path = dir.join("lb.yaml");
-        std::fs::write(&path, config).unwrap();
-        let log = dir.join("lb.log").to_str().unwrap().to_owned();
+        std::fs::write(dir.join("lb.yaml"), config).unwrap();
+        let (child, log) = Self::spawn(ns, &dir, 0);
+        let mut lb = LbXdp {
+            child,
+            bpffs,
+            dir,
+            log,
+            starts: 1,
+        };
+        lb.wait_for(ready);
+        lb
+    }
+
+    /// Runs lb on the config in `dir`, logging to a file of its own.
+    fn spawn(ns: &NetNs, dir: &std::path::Path, n: u32) -> (Child, String) {
+        let log = dir.join(format!("lb{n}.log")).to_str().unwrap().to_owned();
         let child = ns
             .command(lb_tests::lb::binary().to_str().unwrap())
             .args([
                 "run",
                 "--config",
-                path.to_str().unwrap(),
+                dir.join("lb.yaml").to_str().unwrap(),
                 "--log-level",
                 "debug",
             ])
@@ -199,17 +214,39 @@ impl LbXdp {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let lb = LbXdp { child, bpffs, log };
+        (child, log)
+    }
+
+    fn wait_for(&mut self, ready: &str) {
         let start = Instant::now();
-        while !lb.log().contains(ready) {
+        while !self.log().contains(ready) {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
                 "lb did not program the VIP:\n{}",
-                lb.log()
+                self.log()
+            );
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "lb exited:\n{}",
+                self.log()
             );
             thread::sleep(Duration::from_millis(50));
         }
-        lb
+    }
+
+    /// `kill -9`: no clean-up of any kind.
+    fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts lb again on the same config and pin path (after [`LbXdp::kill9`]).
+    fn restart(&mut self, ns: &NetNs, ready: &str) {
+        let (child, log) = Self::spawn(ns, &self.dir, self.starts);
+        self.starts += 1;
+        self.child = child;
+        self.log = log;
+        self.wait_for(ready);
     }
 
     fn log(&self) -> String {
@@ -224,6 +261,7 @@ impl Drop for LbXdp {
         if thread::panicking() {
             eprintln!("lb log:\n{}", self.log());
         }
+        // Unmounting the test's bpffs drops the pinned link and maps with it.
         let _ = std::process::Command::new("umount")
             .arg(&self.bpffs)
             .status();
@@ -492,6 +530,152 @@ fn xdp_dsr_balances_and_backends_reply_straight_to_the_client() {
         passed < u64::from(len / 2),
         "{passed} bytes reached lb's interface and passed: the echo came back through lb"
     );
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().unwrap();
+    }
+}
+
+/// The XDP programs attached to `interface` in `ns` (bpftool's ids).
+fn xdp_programs(ns: &NetNs, interface: &str) -> Vec<u64> {
+    let out = ns.exec(&["bpftool", "-j", "net", "show", "dev", interface]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|section| section["xdp"].as_array().cloned().unwrap_or_default())
+        .map(|prog| {
+            prog["id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no id in {v}"))
+        })
+        .collect()
+}
+
+/// A connection through the VIP held open by a thread in the client namespace: each
+/// [`Held::echo`] sends a line and waits for it back.
+struct Held {
+    ask: std::sync::mpsc::Sender<Vec<u8>>,
+    answers: std::sync::mpsc::Receiver<bool>,
+    backend: String,
+}
+
+impl Held {
+    fn open(topo: &Topology) -> Held {
+        let (ask, questions) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (answer, answers) = std::sync::mpsc::channel();
+        let (name_tx, name_rx) = std::sync::mpsc::channel();
+        let path = format!("/var/run/netns/{}", topo.client.name);
+        thread::spawn(move || {
+            let f = std::fs::File::open(path).unwrap();
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let vip: SocketAddr = VIP.parse().unwrap();
+            let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut reader = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            name_tx.send(line.trim().to_owned()).unwrap();
+            for q in questions {
+                let mut back = vec![0u8; q.len()];
+                let ok =
+                    s.write_all(&q).is_ok() && reader.read_exact(&mut back).is_ok() && back == q;
+                if answer.send(ok).is_err() {
+                    break;
+                }
+            }
+        });
+        let backend = name_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        Held {
+            ask,
+            answers,
+            backend,
+        }
+    }
+
+    fn echo(&self, text: &str) -> bool {
+        self.ask.send(text.as_bytes().to_vec()).unwrap();
+        self.answers
+            .recv_timeout(Duration::from_secs(8))
+            .unwrap_or(false)
+    }
+}
+
+#[test]
+fn xdp_pinned_link_keeps_flows_through_kill_and_restart() {
+    if !lb_tests::privileged("xdp_pinned_link_keeps_flows_through_kill_and_restart") {
+        return;
+    }
+    let topo = Topology::new(Replies::ThroughLb);
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers: Vec<_> = topo
+        .backends
+        .iter()
+        .zip(["b1", "b2"])
+        .map(|(ns, name)| backend(ns, name, Arc::clone(&stop)))
+        .collect();
+    let _pass = LbXdp::start(&topo.sw, &topo.lb_peer, "nat", "services: []\n", "starting");
+    let mut lb = LbXdp::start(&topo.lb, &topo.lb_if, "nat", WEB, "VIP programmed in XDP");
+    thread::sleep(Duration::from_millis(2500));
+    let link = format!("{}/lb/XDP_LINK_native_{}", lb.bpffs, topo.lb_if);
+    assert!(
+        std::path::Path::new(&link).exists(),
+        "the XDP link is pinned at {link}"
+    );
+    let first = xdp_programs(&topo.lb, &topo.lb_if);
+    assert_eq!(
+        first.len(),
+        1,
+        "one XDP program on {}: {first:?}",
+        topo.lb_if
+    );
+
+    let held = Held::open(&topo);
+    assert!(held.echo("before the kill\n"), "the held connection echoes");
+
+    // kill -9: nothing is cleaned up, the pinned link keeps the program attached.
+    lb.kill9();
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        held.echo("after the kill\n"),
+        "the held connection (on {}) stopped when lb was killed",
+        held.backend
+    );
+    assert_eq!(
+        names_seen(&topo, 10).len(),
+        10,
+        "new connections work with lb dead"
+    );
+    assert_eq!(xdp_programs(&topo.lb, &topo.lb_if), first);
+
+    // A new daemon on the same pin path: same flow table, the program replaced in the link.
+    lb.restart(&topo.lb, "VIP programmed in XDP");
+    assert!(
+        lb.log().contains("XDP program replaced in the pinned link"),
+        "lb reused the pinned link:\n{}",
+        lb.log()
+    );
+    assert!(
+        held.echo("after the restart\n"),
+        "the held connection stopped after the restart"
+    );
+    let again = xdp_programs(&topo.lb, &topo.lb_if);
+    assert_eq!(
+        again.len(),
+        1,
+        "exactly one XDP program after the restart: {again:?}"
+    );
+    assert_ne!(
+        again, first,
+        "the restarted daemon's program replaced the old one"
+    );
+    let names = names_seen(&topo, 40);
+    assert!(
+        names.iter().any(|n| n == "b1") && names.iter().any(|n| n == "b2"),
+        "new flows spread over both backends after the restart: {names:?}"
+    );
+    assert!(held.echo("still\n"));
+    drop(held);
     stop.store(true, Ordering::Relaxed);
     for s in servers {
         s.join().unwrap();

@@ -53,16 +53,18 @@ pub struct Prepared {
 /// Everything that needs privileges happens first, on this one thread: bind the listeners and
 /// the admin API (ports below 1024 need CAP_NET_BIND_SERVICE). Then the daemon drops what it no
 /// longer needs (see [`sys::drop_privileges`]), and only then starts the runtime's threads.
+/// `fresh` (xdp): remove what a previous daemon pinned before loading.
 pub fn run_daemon(
     path: PathBuf,
     config: Config,
     workers: Option<NonZeroUsize>,
+    fresh: bool,
 ) -> anyhow::Result<()> {
     match sys::raise_nofile_limit() {
         Ok(limit) => tracing::debug!(limit, "open-files limit raised"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
     }
-    let prepared = prepare(&config)?;
+    let prepared = prepare(&config, fresh)?;
     if nix::unistd::geteuid().is_root() {
         // The proxy keeps one capability: binding ports below 1024 on reload.
         let keep = [caps::Capability::CAP_NET_BIND_SERVICE];
@@ -88,8 +90,8 @@ pub fn run_daemon(
 
 /// Chooses the dataplane, builds every service and binds every socket: a port in use stops the
 /// start before anything serves.
-pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
-    let choice = dataplane::choose(config)?;
+pub fn prepare(config: &Config, fresh: bool) -> anyhow::Result<Prepared> {
+    let choice = dataplane::choose(config, fresh)?;
     for (other, why) in &choice.passed_over {
         tracing::info!(dataplane = %other, "not used: {why}");
     }

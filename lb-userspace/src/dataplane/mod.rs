@@ -63,14 +63,15 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Picks the dataplane for `config.dataplane.mode`; for xdp (explicit, or `auto` with an
-/// interface configured) this loads and attaches the program.
-pub fn choose(config: &Config) -> Result<Choice, ChooseError> {
+/// interface configured) this loads and attaches the program (`fresh`: after removing what a
+/// previous daemon pinned).
+pub fn choose(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
     let proxy = |passed_over| Choice {
         kind: Kind::Proxy,
         passed_over,
         xdp: None,
     };
-    let start_xdp = || vip::XdpRuntime::start(config).map_err(|e| chain(&e));
+    let start_xdp = || vip::XdpRuntime::start(config, fresh).map_err(|e| chain(&e));
     match config.dataplane.mode {
         DataplaneMode::Proxy => Ok(proxy(Vec::new())),
         DataplaneMode::Xdp => match start_xdp() {

@@ -9,7 +9,22 @@
 //!
 //! Backend MACs come from the kernel's neighbour table (`/proc/net/arp`, IPv4); until a
 //! backend's MAC is known it is programmed down, and a TCP connect to it (which the health
-//! checks also do) makes the kernel resolve it.
+//! checks also do) makes the kernel resolve it. A MAC once known (or found in a reused map) is
+//! kept when the neighbour entry ages out.
+//!
+//! Restarts: the program is attached through a link pinned under `pin_path`
+//! ([`XdpDataplane::attach_pinned`]). When the daemon exits, on SIGTERM as on `kill -9`, the
+//! program stays attached and keeps forwarding established and new flows with the last
+//! programmed services, tables and backend states. Health checks stop with the daemon, so a
+//! backend that dies meanwhile keeps its share of new flows until a daemon runs again; that
+//! is the price of never cutting traffic during a restart or an upgrade, which for a load
+//! balancer in front of everything is the safer side (detaching would send every VIP packet
+//! to the local stack, which answers with resets). A daemon that starts again reuses the
+//! pinned maps, takes back the backend and service ids they hold (so established flows keep
+//! their backends even if the config's order changed), removes services no longer
+//! configured, and replaces the program in the pinned link without a gap. To take the VIPs
+//! off the interface: remove the `XDP_LINK_*` pin, or start with `lb run --fresh`, which
+//! removes every pin first (established flows are forgotten).
 
 use std::{
     collections::HashMap,
@@ -52,6 +67,8 @@ pub struct XdpRuntime {
     max_backends: u32,
     /// Service id per VIP: stable across reloads (the kernel refuses an id held by another VIP).
     service_ids: Mutex<HashMap<SocketAddr, u32>>,
+    /// The last MAC known of each backend, for when its neighbour entry ages out.
+    macs: Mutex<HashMap<SocketAddr, [u8; 6]>>,
 }
 
 impl std::fmt::Debug for XdpRuntime {
@@ -64,9 +81,10 @@ impl std::fmt::Debug for XdpRuntime {
 }
 
 impl XdpRuntime {
-    /// Loads (reusing pinned maps), attaches to `dataplane.xdp.interface` and sets the
-    /// interface MAC. Needs CAP_BPF and CAP_NET_ADMIN.
-    pub fn start(config: &Config) -> Result<XdpRuntime, VipError> {
+    /// Loads (reusing pinned maps), attaches to `dataplane.xdp.interface` through a pinned
+    /// link (replacing the program of one pinned there before) and sets the interface MAC.
+    /// `fresh` removes every pin first. Needs CAP_BPF and CAP_NET_ADMIN.
+    pub fn start(config: &Config, fresh: bool) -> Result<XdpRuntime, VipError> {
         let xdp = config
             .dataplane
             .xdp
@@ -85,8 +103,41 @@ impl XdpRuntime {
             flow_table_size: xdp.flow_table_size,
             ..XdpOptions::default()
         };
+        if fresh {
+            for path in super::xdp::remove_pins(&config.dataplane.pin_path)? {
+                tracing::info!(pin = %path.display(), "fresh start: removed");
+            }
+        }
         let mut dp = XdpDataplane::load(&config.dataplane.pin_path, &options)?;
-        let mode = dp.attach(
+        // What a previous daemon left in reused maps: its ids, which established flows name.
+        let ids: HashMap<SocketAddr, u32> = dp
+            .programmed_backends()?
+            .into_iter()
+            .map(|(id, addr, _)| (addr, id))
+            .collect();
+        let macs: HashMap<SocketAddr, [u8; 6]> = dp
+            .programmed_backends()?
+            .into_iter()
+            .filter(|(_, _, mac)| *mac != [0; 6])
+            .map(|(_, addr, mac)| (addr, mac))
+            .collect();
+        let mut service_ids = HashMap::new();
+        for (vip, id) in dp.programmed_services()? {
+            if config.services.iter().any(|s| s.listen == vip) {
+                service_ids.insert(vip, id);
+            } else {
+                tracing::info!(%vip, "removing a VIP programmed by a previous daemon and no longer configured");
+                dp.remove_service(vip)?;
+            }
+        }
+        if !ids.is_empty() {
+            tracing::info!(
+                backends = ids.len(),
+                services = service_ids.len(),
+                "reusing the ids of a previous daemon's maps"
+            );
+        }
+        let (mode, reused) = dp.attach_pinned(
             &xdp.interface,
             match xdp.attach {
                 XdpAttach::Auto => None,
@@ -94,6 +145,9 @@ impl XdpRuntime {
                 XdpAttach::Generic => Some(AttachMode::Generic),
             },
         )?;
+        if reused {
+            tracing::info!(interface = %xdp.interface, "XDP program replaced without a gap; established flows continue");
+        }
         let mac = interface_mac(&xdp.interface).map_err(|source| VipError::InterfaceMac {
             interface: xdp.interface.clone(),
             source,
@@ -104,18 +158,19 @@ impl XdpRuntime {
             interface: xdp.interface.clone(),
             mode,
             forwarding: xdp.forwarding,
-            ids: Mutex::new(HashMap::new()),
+            ids: Mutex::new(ids),
             max_backends: options.max_backends,
-            service_ids: Mutex::new(HashMap::new()),
+            service_ids: Mutex::new(service_ids),
+            macs: Mutex::new(macs),
         })
     }
 
     fn id_of(&self, address: SocketAddr) -> Result<u32, VipError> {
         let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
-        let next = u32::try_from(ids.len()).unwrap_or(u32::MAX);
         if let Some(&id) = ids.get(&address) {
             return Ok(id);
         }
+        let next = ids.values().max().map_or(0, |&max| max.saturating_add(1));
         if next >= self.max_backends {
             return Err(VipError::TooManyBackends {
                 max: self.max_backends,
@@ -123,6 +178,18 @@ impl XdpRuntime {
         }
         ids.insert(address, next);
         Ok(next)
+    }
+
+    /// The backend's MAC from the neighbour table, else the last one known.
+    fn mac_of(&self, address: SocketAddr) -> Option<[u8; 6]> {
+        let mut macs = self.macs.lock().unwrap_or_else(|e| e.into_inner());
+        match neighbour_mac(address.ip()) {
+            Some(mac) => {
+                macs.insert(address, mac);
+                Some(mac)
+            }
+            None => macs.get(&address).copied(),
+        }
     }
 
     /// Programs every service (VIP, Maglev table) and backend; removes VIPs in `removed`.
@@ -145,7 +212,7 @@ impl XdpRuntime {
                 .collect::<Result<_, _>>()?;
             for backend in &service.backends {
                 let id = self.id_of(backend.address)?;
-                let mac = neighbour_mac(backend.address.ip());
+                let mac = self.mac_of(backend.address);
                 dp.set_backend(
                     id,
                     backend.address,
@@ -201,7 +268,7 @@ impl XdpRuntime {
         for (_, service) in services {
             for backend in &service.backends {
                 let id = self.id_of(backend.address)?;
-                let mac = neighbour_mac(backend.address.ip());
+                let mac = self.mac_of(backend.address);
                 if mac.is_none() {
                     // Make the kernel resolve it; the next sync programs it.
                     let addr = backend.address;

@@ -3,8 +3,19 @@
 //! It loads the program embedded at build time, pins its maps under `pin_path` (reusing a
 //! set already pinned there, so counters and the flow table survive a restart), attaches
 //! the program to a NIC (native first, generic as a fallback), programs services, backends
-//! and Maglev tables, and reads the per-CPU counters. Dropping an [`XdpDataplane`] detaches
-//! the program; pinned maps stay for bpftool and for the next start.
+//! and Maglev tables, and reads the per-CPU counters. Pinned maps stay for bpftool and for the
+//! next start.
+//!
+//! Attachment, two ways:
+//! - [`XdpDataplane::attach`]: a link owned by this process; dropping the [`XdpDataplane`]
+//!   (or the process dying) detaches the program. For tests and tools.
+//! - [`XdpDataplane::attach_pinned`], what the daemon uses: the XDP link is pinned under
+//!   `pin_path` as `XDP_LINK_<mode>_<interface>`, so the program stays attached and keeps
+//!   forwarding with the last programmed maps when the daemon exits, however it exits
+//!   (SIGTERM, crash, `kill -9`). A daemon that starts and finds that pin replaces the
+//!   program inside the link atomically (`BPF_LINK_UPDATE`): every packet meets either the
+//!   old program or the new one, both reading the same pinned flow table, so no established
+//!   flow notices the restart. Removing the pin (see [`remove_pins`]) detaches the program.
 //!
 //! No other module sees a map name or an `lb_common` struct: callers speak of VIPs
 //! (`SocketAddr`), backend ids, forwarding modes and tables of backend ids.
@@ -29,7 +40,11 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray},
-    programs::{ProgramError, Xdp, XdpMode},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
     BACKEND_DRAIN, BACKEND_UP, Backend, CFG_NAT_REPLIES, DropReason, Event, FAMILY_V4, FAMILY_V6,
@@ -165,6 +180,13 @@ pub enum XdpError {
         #[source]
         source: Box<ProgramError>,
     },
+    #[error("cannot {what} the pinned XDP link {path}")]
+    Link {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("cannot use map {name}")]
     Map {
         name: &'static str,
@@ -249,6 +271,8 @@ pub struct XdpDataplane {
     meta: LbMeta,
     pin_dir: PathBuf,
     attached: Option<(String, AttachMode)>,
+    /// The pinned link, when attached with [`XdpDataplane::attach_pinned`].
+    pinned_link: Option<PathBuf>,
 }
 
 /// The object built by build.rs from `lb-ebpf`.
@@ -313,6 +337,7 @@ impl XdpDataplane {
             meta,
             pin_dir: pin_dir.to_owned(),
             attached: None,
+            pinned_link: None,
         };
         // A reused set may predate the last service change: derive the flags again.
         dataplane.sync_config_flags()?;
@@ -320,42 +345,135 @@ impl XdpDataplane {
     }
 
     /// Attaches to `interface`: in `mode`, or native then generic when `mode` is `None`.
-    /// Returns the mode that took.
+    /// Returns the mode that took. The link is this process's: it goes when the process does.
+    #[allow(
+        dead_code,
+        reason = "part of the dataplane's API; the daemon attaches through a pinned link, the tests this way"
+    )]
     pub fn attach(
         &mut self,
         interface: &str,
         mode: Option<AttachMode>,
     ) -> Result<AttachMode, XdpError> {
+        let (took, _) = self.attach_link(interface, mode)?;
+        tracing::info!(interface, mode = %took, pin_dir = %self.pin_dir.display(), "XDP attached");
+        self.attached = Some((interface.to_owned(), took));
+        Ok(took)
+    }
+
+    fn attach_link(
+        &mut self,
+        interface: &str,
+        mode: Option<AttachMode>,
+    ) -> Result<(AttachMode, XdpLinkId), XdpError> {
         let program = self.program_mut()?;
-        let took = match mode {
-            Some(mode) => {
-                program
-                    .attach(interface, mode.flags())
-                    .map_err(|source| XdpError::Attach {
-                        interface: interface.to_owned(),
-                        mode,
-                        source: Box::new(source),
-                    })?;
-                mode
-            }
+        match mode {
+            Some(mode) => program
+                .attach(interface, mode.flags())
+                .map(|id| (mode, id))
+                .map_err(|source| XdpError::Attach {
+                    interface: interface.to_owned(),
+                    mode,
+                    source: Box::new(source),
+                }),
             None => match program.attach(interface, AttachMode::Native.flags()) {
-                Ok(_) => AttachMode::Native,
+                Ok(id) => Ok((AttachMode::Native, id)),
                 Err(native) => {
                     tracing::info!(interface, error = %native, "native XDP unavailable, trying generic");
                     program
                         .attach(interface, AttachMode::Generic.flags())
+                        .map(|id| (AttachMode::Generic, id))
                         .map_err(|source| XdpError::AttachAny {
                             interface: interface.to_owned(),
                             native: native.to_string(),
                             source: Box::new(source),
-                        })?;
-                    AttachMode::Generic
+                        })
                 }
             },
-        };
-        tracing::info!(interface, mode = %took, pin_dir = %self.pin_dir.display(), "XDP attached");
+        }
+    }
+
+    /// Attaches to `interface` through a link pinned under the pin directory, so the program
+    /// outlives this process (see the module docs). If a link for `interface` is pinned
+    /// there already, the program in it is replaced atomically and the link keeps the mode
+    /// it was attached in (a different `mode` asked for is logged and not applied: changing
+    /// modes needs a detach, so a fresh start). A pinned link whose interface is gone is
+    /// removed and a new one made. Returns the mode and whether a pinned link was reused.
+    pub fn attach_pinned(
+        &mut self,
+        interface: &str,
+        mode: Option<AttachMode>,
+    ) -> Result<(AttachMode, bool), XdpError> {
+        for existing in [AttachMode::Native, AttachMode::Generic] {
+            let path = link_pin_path(&self.pin_dir, interface, existing);
+            if !path.exists() {
+                continue;
+            }
+            match self.replace_in_link(&path) {
+                Ok(()) => {
+                    if mode.is_some_and(|m| m != existing) {
+                        tracing::warn!(interface, mode = %existing, "the pinned XDP link keeps its mode; start fresh to change it");
+                    }
+                    tracing::info!(interface, mode = %existing, link = %path.display(), "XDP program replaced in the pinned link");
+                    self.attached = Some((interface.to_owned(), existing));
+                    self.pinned_link = Some(path);
+                    return Ok((existing, true));
+                }
+                // The interface went away (the link is defunct): make a new link.
+                Err(XdpError::Program(e)) if is_errno(&e, nix::errno::Errno::ENOLINK as i32) => {
+                    tracing::warn!(interface, link = %path.display(), "the pinned XDP link's interface is gone; attaching anew");
+                    std::fs::remove_file(&path)
+                        .map_err(|source| XdpError::Unpin { path, source })?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (took, id) = self.attach_link(interface, mode)?;
+        let path = link_pin_path(&self.pin_dir, interface, took);
+        let link = self
+            .program_mut()?
+            .take_link(id)
+            .map_err(|e| XdpError::Program(Box::new(e)))?;
+        // The link is dropped (so detached) on any error below.
+        let fd_link = FdLink::try_from(link).map_err(|source| XdpError::Link {
+            what: "pin (the kernel attached without a BPF link)",
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
+        let _pinned: PinnedLink = fd_link.pin(&path).map_err(|source| XdpError::Link {
+            what: "pin",
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
+        tracing::info!(interface, mode = %took, link = %path.display(), "XDP attached through a pinned link");
         self.attached = Some((interface.to_owned(), took));
-        Ok(took)
+        self.pinned_link = Some(path);
+        Ok((took, false))
+    }
+
+    /// Puts this object's program in the link pinned at `path` (`BPF_LINK_UPDATE`).
+    fn replace_in_link(&mut self, path: &Path) -> Result<(), XdpError> {
+        let pinned = PinnedLink::from_pin(path).map_err(|source| XdpError::Link {
+            what: "open",
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|source| XdpError::Link {
+            what: "use (not an XDP link)",
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        let program = self.program_mut()?;
+        let id = program
+            .attach_to_link(link)
+            .map_err(|e| XdpError::Program(Box::new(e)))?;
+        // The pin holds the link; this process's fd to it can go.
+        drop(
+            program
+                .take_link(id)
+                .map_err(|e| XdpError::Program(Box::new(e)))?,
+        );
+        Ok(())
     }
 
     fn program_mut(&mut self) -> Result<&mut Xdp, XdpError> {
@@ -437,6 +555,34 @@ impl XdpDataplane {
         self.backends
             .set(id, Backend::default(), 0)
             .map_err(map_err(names::LB_BACKENDS))
+    }
+
+    /// The backends the map holds (id, address, MAC), those with an address: in a reused
+    /// map set, what the previous daemon programmed, so a restarted one keeps the ids that
+    /// established flows name.
+    pub fn programmed_backends(&self) -> Result<Vec<(u32, SocketAddr, [u8; 6])>, XdpError> {
+        let mut out = Vec::new();
+        for id in 0..self.meta.max_backends {
+            let b = self
+                .backends
+                .get(&id, 0)
+                .map_err(map_err(names::LB_BACKENDS))?;
+            if let Some(ip) = addr_ip(&b.addr, b.family) {
+                out.push((id, SocketAddr::new(ip, b.port), b.mac));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The services the map holds: VIP and id.
+    pub fn programmed_services(&self) -> Result<Vec<(SocketAddr, u32)>, XdpError> {
+        self.services
+            .iter()
+            .map(|entry| {
+                let (key, service) = entry.map_err(map_err(names::LB_SERVICES))?;
+                Ok((key_addr(&key), service.id))
+            })
+            .collect()
     }
 
     fn check_backend_id(&self, id: u32) -> Result<(), XdpError> {
@@ -700,11 +846,61 @@ impl XdpDataplane {
 
 impl Drop for XdpDataplane {
     fn drop(&mut self) {
-        // The program's links are detached when `ebpf` drops; say so, once.
-        if let Some((interface, mode)) = &self.attached {
-            tracing::info!(interface, %mode, "XDP detached");
+        // Links this process owns are detached when `ebpf` drops; a pinned one stays.
+        match (&self.attached, &self.pinned_link) {
+            (Some((interface, mode)), Some(link)) => tracing::info!(
+                interface,
+                %mode,
+                link = %link.display(),
+                "XDP program stays attached through its pinned link, forwarding with the last programmed maps"
+            ),
+            (Some((interface, mode)), None) => tracing::info!(interface, %mode, "XDP detached"),
+            _ => {}
         }
     }
+}
+
+/// Where the link of the program on `interface`, attached in `mode`, is pinned.
+pub fn link_pin_path(pin_dir: &Path, interface: &str, mode: AttachMode) -> PathBuf {
+    pin_dir.join(format!("XDP_LINK_{mode}_{interface}"))
+}
+
+/// Removes everything lb pins in `pin_dir`: the maps (and the flows in them) and the XDP
+/// links (which detaches their programs). For a start from clean state. Returns what was
+/// removed.
+pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, XdpError> {
+    let entries = match std::fs::read_dir(pin_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(XdpError::PinDir {
+                path: pin_dir.to_owned(),
+                source,
+            });
+        }
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| XdpError::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if MAP_NAMES.contains(&name.as_ref()) || name.starts_with("XDP_LINK_") {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|source| XdpError::Unpin {
+                path: path.clone(),
+                source,
+            })?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
+fn is_errno(e: &ProgramError, errno: i32) -> bool {
+    matches!(e, ProgramError::SyscallError(e) if e.io_error.raw_os_error() == Some(errno))
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> XdpError {
@@ -873,6 +1069,15 @@ fn ip_bytes(ip: IpAddr) -> ([u8; 16], u8) {
             (bytes, FAMILY_V4)
         }
         IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
+/// A map's address bytes as an address; `None` for an empty entry.
+fn addr_ip(addr: &[u8; 16], family: u8) -> Option<IpAddr> {
+    match family {
+        FAMILY_V4 => Some(IpAddr::from([addr[0], addr[1], addr[2], addr[3]])),
+        FAMILY_V6 => Some(IpAddr::from(*addr)),
+        _ => None,
     }
 }
 
