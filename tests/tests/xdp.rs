@@ -186,7 +186,7 @@ impl LbXdp {
             "dataplane:\n  mode: xdp\n  pin_path: {bpffs}/lb\n  xdp:\n    interface: {interface}\n    forwarding: {forwarding}\nshutdown_timeout: 2s\n{services}"
         );
         std::fs::write(dir.join("lb.yaml"), config).unwrap();
-        let (child, log) = Self::spawn(ns, &dir, 0);
+        let (child, log) = Self::spawn(ns, &dir, 0, &[]);
         let mut lb = LbXdp {
             child,
             bpffs,
@@ -199,7 +199,7 @@ impl LbXdp {
     }
 
     /// Runs lb on the config in `dir`, logging to a file of its own.
-    fn spawn(ns: &NetNs, dir: &std::path::Path, n: u32) -> (Child, String) {
+    fn spawn(ns: &NetNs, dir: &std::path::Path, n: u32, extra: &[&str]) -> (Child, String) {
         let log = dir.join(format!("lb{n}.log")).to_str().unwrap().to_owned();
         let child = ns
             .command(lb_tests::lb::binary().to_str().unwrap())
@@ -210,6 +210,7 @@ impl LbXdp {
                 "--log-level",
                 "debug",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -240,9 +241,17 @@ impl LbXdp {
         self.child.wait().unwrap();
     }
 
-    /// Starts lb again on the same config and pin path (after [`LbXdp::kill9`]).
-    fn restart(&mut self, ns: &NetNs, ready: &str) {
-        let (child, log) = Self::spawn(ns, &self.dir, self.starts);
+    /// SIGTERM, and the exit status.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        self.child.wait().unwrap()
+    }
+
+    /// Starts lb again on the same config and pin path (after it exited), with `extra`
+    /// arguments.
+    fn restart(&mut self, ns: &NetNs, ready: &str, extra: &[&str]) {
+        let (child, log) = Self::spawn(ns, &self.dir, self.starts, extra);
         self.starts += 1;
         self.child = child;
         self.log = log;
@@ -649,7 +658,7 @@ fn xdp_pinned_link_keeps_flows_through_kill_and_restart() {
     assert_eq!(xdp_programs(&topo.lb, &topo.lb_if), first);
 
     // A new daemon on the same pin path: same flow table, the program replaced in the link.
-    lb.restart(&topo.lb, "VIP programmed in XDP");
+    lb.restart(&topo.lb, "VIP programmed in XDP", &[]);
     assert!(
         lb.log().contains("XDP program replaced in the pinned link"),
         "lb reused the pinned link:\n{}",
@@ -675,6 +684,53 @@ fn xdp_pinned_link_keeps_flows_through_kill_and_restart() {
         "new flows spread over both backends after the restart: {names:?}"
     );
     assert!(held.echo("still\n"));
+
+    // SIGTERM: lb exits cleanly and leaves the program attached, forwarding.
+    assert!(
+        lb.terminate().success(),
+        "lb exits 0 on SIGTERM:\n{}",
+        lb.log()
+    );
+    assert!(
+        lb.log().contains("stays attached through its pinned link"),
+        "lb says the program stays:\n{}",
+        lb.log()
+    );
+    assert_eq!(xdp_programs(&topo.lb, &topo.lb_if), again);
+    assert!(
+        held.echo("after SIGTERM\n"),
+        "the held connection stopped at SIGTERM"
+    );
+    assert_eq!(
+        names_seen(&topo, 10).len(),
+        10,
+        "new connections work after SIGTERM"
+    );
+
+    // --fresh: every pin removed first; a new link with a new program, still only one.
+    lb.restart(&topo.lb, "VIP programmed in XDP", &["--fresh"]);
+    let log = lb.log();
+    assert!(
+        log.contains("fresh start: removed") && !log.contains("replaced in the pinned link"),
+        "lb started from clean state:\n{log}"
+    );
+    let fresh = xdp_programs(&topo.lb, &topo.lb_if);
+    assert_eq!(
+        fresh.len(),
+        1,
+        "exactly one XDP program after --fresh: {fresh:?}"
+    );
+    assert_ne!(fresh, again);
+    assert!(
+        std::path::Path::new(&link).exists(),
+        "the new link is pinned"
+    );
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        names_seen(&topo, 10).len(),
+        10,
+        "new connections work after --fresh"
+    );
     drop(held);
     stop.store(true, Ordering::Relaxed);
     for s in servers {
