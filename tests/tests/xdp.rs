@@ -38,6 +38,11 @@ struct Topology {
     lb_peer: String,
 }
 
+/// Adds an IPv6 address, usable at once (no duplicate address detection).
+fn add6(ns: &NetNs, addr: &str, dev: &str) {
+    ns.exec(&["ip", "-6", "addr", "add", addr, "dev", dev, "nodad"]);
+}
+
 /// Creates a veth pair with one end `inner` in `ns` and the other enslaved to the bridge in `sw`.
 fn plug(sw: &NetNs, ns: &NetNs, inner: &str) -> String {
     let outer = unique("po");
@@ -74,18 +79,24 @@ impl Topology {
         let lb_if = "l0".to_owned();
         let lb_peer = plug(&sw, &lb, &lb_if);
         client.exec(&["ip", "addr", "add", "10.77.9.2/24", "dev", "c0"]);
+        add6(&client, "fd77:9::2/64", "c0");
         for addr in ["10.77.0.1/24", "10.77.9.1/24", "10.77.9.100/32"] {
             lb.exec(&["ip", "addr", "add", addr, "dev", &lb_if]);
+        }
+        for addr in ["fd77::1/64", "fd77:9::1/64", "fd77:9::100/128"] {
+            add6(&lb, addr, &lb_if);
         }
         let mut backends = Vec::new();
         for (i, ip) in ["10.77.0.11", "10.77.0.12"].iter().enumerate() {
             let ns = NetNs::new(&format!("lbb{i}"));
             plug(&sw, &ns, "e0");
             ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "e0"]);
+            add6(&ns, &format!("fd77::{}/64", 11 + i), "e0");
             match replies {
                 // NAT: replies to the client's subnet go back through lb.
                 Replies::ThroughLb => {
                     ns.exec(&["ip", "route", "add", "10.77.9.0/24", "via", "10.77.0.1"]);
+                    ns.exec(&["ip", "-6", "route", "add", "fd77:9::/64", "via", "fd77::1"]);
                 }
                 // DSR: the VIP on loopback, never announced or answered for in ARP (lb
                 // answers for it), and the client's subnet on the bridge itself.
@@ -105,6 +116,10 @@ impl Topology {
                     }
                     let own = format!("10.77.9.{}/24", 11 + i);
                     ns.exec(&["ip", "addr", "add", &own, "dev", "e0"]);
+                    // IPv6 answers neighbour solicitations only for the receiving
+                    // interface's addresses: the VIP on lo needs no sysctl.
+                    add6(&ns, "fd77:9::100/128", "lo");
+                    add6(&ns, &format!("fd77:9::{}/64", 11 + i), "e0");
                 }
             }
             backends.push(ns);
@@ -126,7 +141,8 @@ fn backend(ns: &NetNs, name: &'static str, stop: Arc<AtomicBool>) -> thread::Joi
     thread::spawn(move || {
         let f = std::fs::File::open(path).unwrap();
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let listener = TcpListener::bind("0.0.0.0:80").unwrap();
+        // IPv6 and IPv4 (mapped) alike.
+        let listener = TcpListener::bind("[::]:80").unwrap();
         listener.set_nonblocking(true).unwrap();
         while !stop.load(Ordering::Relaxed) {
             match listener.accept() {
@@ -279,8 +295,13 @@ impl Drop for LbXdp {
 
 /// Connects to the VIP from the client namespace `n` times; returns the backend names seen.
 fn names_seen(topo: &Topology, n: usize) -> Vec<String> {
+    names_seen_at(topo, VIP, n)
+}
+
+/// [`names_seen`] at `vip`.
+fn names_seen_at(topo: &Topology, vip: &'static str, n: usize) -> Vec<String> {
     in_ns(&topo.client, move || {
-        let vip: SocketAddr = VIP.parse().unwrap();
+        let vip: SocketAddr = vip.parse().unwrap();
         (0..n)
             .map(|_| {
                 let s = TcpStream::connect_timeout(&vip, Duration::from_secs(3))
@@ -297,9 +318,9 @@ fn names_seen(topo: &Topology, n: usize) -> Vec<String> {
 }
 
 /// Sends `len` bytes through the VIP and reads them echoed back; true if they match.
-fn exact_bytes(topo: &Topology, len: u32) -> bool {
+fn exact_bytes(topo: &Topology, vip: &'static str, len: u32) -> bool {
     in_ns(&topo.client, move || {
-        let vip: SocketAddr = VIP.parse().unwrap();
+        let vip: SocketAddr = vip.parse().unwrap();
         let s = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut reader = BufReader::new(s.try_clone().unwrap());
@@ -383,7 +404,7 @@ fn xdp_nat_balances_vip_connections_with_exact_bytes() {
     );
 
     // 8 MiB both ways through one connection, byte for byte.
-    let ok = exact_bytes(&topo, 8 << 20);
+    let ok = exact_bytes(&topo, VIP, 8 << 20);
     assert!(ok, "bytes through the XDP NAT path differ");
 
     // The program did the forwarding: XDP_TX counted, and flows placed.
@@ -518,7 +539,7 @@ fn xdp_dsr_balances_and_backends_reply_straight_to_the_client() {
     );
     let len = 8u32 << 20;
     assert!(
-        exact_bytes(&topo, len),
+        exact_bytes(&topo, VIP, len),
         "bytes through the XDP DSR path differ"
     );
 
@@ -736,4 +757,87 @@ fn xdp_pinned_link_keeps_flows_through_kill_and_restart() {
     for s in servers {
         s.join().unwrap();
     }
+}
+
+const VIP6: &str = "[fd77:9::100]:80";
+
+const WEB6: &str = "services:\n  - name: web6\n    listen: \"[fd77:9::100]:80\"\n    algorithm: maglev\n    maglev_table_size: 5003\n    backends:\n\
+     \x20     - address: \"[fd77::11]:80\"\n      - address: \"[fd77::12]:80\"\n    health_check:\n      kind: tcp\n      interval: 500ms\n      timeout: 200ms\n      rise: 1\n      fall: 2\n";
+
+/// An IPv6 VIP and IPv6 backends, with `forwarding`: spread over both backends, 4 MiB
+/// byte for byte both ways, and replies rewritten by lb (NAT) or never seen by it (DSR).
+fn ipv6_end_to_end(replies: Replies, forwarding: &str) {
+    let topo = Topology::new(replies);
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers: Vec<_> = topo
+        .backends
+        .iter()
+        .zip(["b1", "b2"])
+        .map(|(ns, name)| backend(ns, name, Arc::clone(&stop)))
+        .collect();
+    let _pass = LbXdp::start(&topo.sw, &topo.lb_peer, "nat", "services: []\n", "starting");
+    let lb = LbXdp::start(
+        &topo.lb,
+        &topo.lb_if,
+        forwarding,
+        WEB6,
+        "VIP programmed in XDP",
+    );
+    // Health checks resolve the backends' MACs (neighbour discovery) for the next sync.
+    thread::sleep(Duration::from_millis(2500));
+    let stats = format!("{}/lb/XDP_STATS", lb.bpffs);
+    let events = format!("{}/lb/XDP_EVENTS", lb.bpffs);
+    const XDP_TX: u32 = 3;
+    const NAT_REPLY: u32 = 5;
+    let tx_before = percpu_sum(&stats, XDP_TX, Some("bytes"));
+
+    let names = names_seen_at(&topo, VIP6, 100);
+    let b1 = names.iter().filter(|n| *n == "b1").count();
+    let b2 = names.iter().filter(|n| *n == "b2").count();
+    assert_eq!(
+        b1 + b2,
+        100,
+        "every connection reached a backend: {names:?}"
+    );
+    assert!(
+        b1 >= 25 && b2 >= 25,
+        "Maglev spreads 1:1 weights over both backends: b1 {b1}, b2 {b2}"
+    );
+    let len = 4u32 << 20;
+    assert!(
+        exact_bytes(&topo, VIP6, len),
+        "bytes through the XDP {forwarding} path (IPv6) differ"
+    );
+    let tx = percpu_sum(&stats, XDP_TX, Some("bytes")) - tx_before;
+    let replies_rewritten = percpu_sum(&events, NAT_REPLY, None);
+    match replies {
+        Replies::ThroughLb => assert!(
+            tx >= 2 * u64::from(len) && replies_rewritten > 0,
+            "NAT: both directions through XDP_TX ({tx} bytes), replies rewritten ({replies_rewritten})"
+        ),
+        Replies::Direct => assert!(
+            tx >= u64::from(len) && replies_rewritten == 0,
+            "DSR: requests through XDP_TX ({tx} bytes), no reply rewritten ({replies_rewritten})"
+        ),
+    }
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().unwrap();
+    }
+}
+
+#[test]
+fn xdp_ipv6_nat_balances_with_exact_bytes() {
+    if !lb_tests::privileged("xdp_ipv6_nat_balances_with_exact_bytes") {
+        return;
+    }
+    ipv6_end_to_end(Replies::ThroughLb, "nat");
+}
+
+#[test]
+fn xdp_ipv6_dsr_balances_with_exact_bytes() {
+    if !lb_tests::privileged("xdp_ipv6_dsr_balances_with_exact_bytes") {
+        return;
+    }
+    ipv6_end_to_end(Replies::Direct, "dsr");
 }

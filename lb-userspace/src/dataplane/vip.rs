@@ -7,7 +7,8 @@
 //! hash the client IP, every other algorithm hashes client IP and port (a per-packet program
 //! cannot count connections or keep a round-robin cursor). Weights shape the table.
 //!
-//! Backend MACs come from the kernel's neighbour table (`/proc/net/arp`, IPv4); until a
+//! Backend MACs come from the kernel's neighbour tables (`/proc/net/arp` for IPv4, `ip -6
+//! neigh` for IPv6, each read at most once per sync); until a
 //! backend's MAC is known it is programmed down, and a TCP connect to it (which the health
 //! checks also do) makes the kernel resolve it. A MAC once known (or found in a reused map) is
 //! kept when the neighbour entry ages out.
@@ -181,9 +182,9 @@ impl XdpRuntime {
     }
 
     /// The backend's MAC from the neighbour table, else the last one known.
-    fn mac_of(&self, address: SocketAddr) -> Option<[u8; 6]> {
+    fn mac_of(&self, address: SocketAddr, neighbours: &mut Neighbours) -> Option<[u8; 6]> {
         let mut macs = self.macs.lock().unwrap_or_else(|e| e.into_inner());
-        match neighbour_mac(address.ip()) {
+        match neighbours.mac(address.ip()) {
             Some(mac) => {
                 macs.insert(address, mac);
                 Some(mac)
@@ -200,6 +201,7 @@ impl XdpRuntime {
     ) -> Result<(), VipError> {
         let mut dp = self.dp.lock().unwrap_or_else(|e| e.into_inner());
         let mut service_ids = self.service_ids.lock().unwrap_or_else(|e| e.into_inner());
+        let mut neighbours = Neighbours::default();
         for vip in removed {
             dp.remove_service(*vip)?;
             service_ids.remove(vip);
@@ -212,7 +214,7 @@ impl XdpRuntime {
                 .collect::<Result<_, _>>()?;
             for backend in &service.backends {
                 let id = self.id_of(backend.address)?;
-                let mac = self.mac_of(backend.address);
+                let mac = self.mac_of(backend.address, &mut neighbours);
                 dp.set_backend(
                     id,
                     backend.address,
@@ -265,10 +267,11 @@ impl XdpRuntime {
     /// Pushes each backend's state (up, draining, ejected) and MAC into the backend map.
     pub fn sync(&self, services: &[(String, Arc<Service>)]) -> Result<(), VipError> {
         let mut dp = self.dp.lock().unwrap_or_else(|e| e.into_inner());
+        let mut neighbours = Neighbours::default();
         for (_, service) in services {
             for backend in &service.backends {
                 let id = self.id_of(backend.address)?;
-                let mac = self.mac_of(backend.address);
+                let mac = self.mac_of(backend.address, &mut neighbours);
                 if mac.is_none() {
                     // Make the kernel resolve it; the next sync programs it.
                     let addr = backend.address;
@@ -321,11 +324,51 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
-/// A resolved neighbour's MAC (IPv4, from /proc/net/arp: flag 0x2 = complete).
-fn neighbour_mac(ip: IpAddr) -> Option<[u8; 6]> {
-    let IpAddr::V4(v4) = ip else { return None };
-    let table = std::fs::read_to_string("/proc/net/arp").ok()?;
-    parse_arp(&table, v4)
+/// The kernel's neighbour tables, each read when first needed.
+#[derive(Default)]
+struct Neighbours {
+    arp: Option<String>,
+    ndp: Option<String>,
+}
+
+impl Neighbours {
+    /// A resolved neighbour's MAC: IPv4 from /proc/net/arp (flag 0x2 = complete), IPv6 from
+    /// `ip -6 neigh show` (entries with a link-layer address, not failed).
+    fn mac(&mut self, ip: IpAddr) -> Option<[u8; 6]> {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => {
+                let table = self.arp.get_or_insert_with(|| {
+                    std::fs::read_to_string("/proc/net/arp").unwrap_or_default()
+                });
+                parse_arp(table, v4)
+            }
+            IpAddr::V6(v6) => {
+                let table = self.ndp.get_or_insert_with(|| {
+                    std::process::Command::new("ip")
+                        .args(["-6", "neigh", "show"])
+                        .output()
+                        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                        .unwrap_or_default()
+                });
+                parse_ndp(table, v6)
+            }
+        }
+    }
+}
+
+/// A line of `ip -6 neigh show`: `ADDR dev IF lladdr MAC [router] STATE`.
+fn parse_ndp(table: &str, ip: std::net::Ipv6Addr) -> Option<[u8; 6]> {
+    table.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.first()?.parse::<std::net::Ipv6Addr>().ok()? != ip {
+            return None;
+        }
+        if f.iter().any(|w| *w == "FAILED" || *w == "INCOMPLETE") {
+            return None;
+        }
+        let at = f.iter().position(|w| *w == "lladdr")?;
+        parse_mac(f.get(at + 1)?)
+    })
 }
 
 fn parse_arp(table: &str, ip: std::net::Ipv4Addr) -> Option<[u8; 6]> {
@@ -362,5 +405,25 @@ mod tests {
             Some([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff])
         );
         assert_eq!(parse_mac("aa:bb:cc:dd:ee"), None);
+    }
+
+    #[test]
+    fn ndp_table_lines() {
+        let table = "fd77::11 dev e0 lladdr 02:42:ac:11:00:02 REACHABLE\n\
+                     fd77::12 dev e0 lladdr 02:42:ac:11:00:03 router STALE\n\
+                     fd77::13 dev e0 FAILED\n\
+                     fd77::14 dev e0 INCOMPLETE\n\
+                     fe80::1 dev e0 lladdr 52:54:00:12:34:56 router DELAY\n";
+        assert_eq!(
+            parse_ndp(table, "fd77::11".parse().unwrap()),
+            Some([2, 0x42, 0xac, 0x11, 0, 2])
+        );
+        assert_eq!(
+            parse_ndp(table, "fd77::12".parse().unwrap()),
+            Some([2, 0x42, 0xac, 0x11, 0, 3])
+        );
+        assert_eq!(parse_ndp(table, "fd77::13".parse().unwrap()), None);
+        assert_eq!(parse_ndp(table, "fd77::14".parse().unwrap()), None);
+        assert_eq!(parse_ndp(table, "fd77::15".parse().unwrap()), None);
     }
 }
