@@ -841,3 +841,93 @@ fn xdp_ipv6_dsr_balances_with_exact_bytes() {
     }
     ipv6_end_to_end(Replies::Direct, "dsr");
 }
+
+#[test]
+fn xdp_restart_with_another_config_keeps_established_flows_on_their_backends() {
+    if !lb_tests::privileged(
+        "xdp_restart_with_another_config_keeps_established_flows_on_their_backends",
+    ) {
+        return;
+    }
+    let topo = Topology::new(Replies::ThroughLb);
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers: Vec<_> = topo
+        .backends
+        .iter()
+        .zip(["b1", "b2"])
+        .map(|(ns, name)| backend(ns, name, Arc::clone(&stop)))
+        .collect();
+    let _pass = LbXdp::start(&topo.sw, &topo.lb_peer, "nat", "services: []\n", "starting");
+    // Two services; the second, on port 81, goes away with the restart.
+    let web81 = WEB
+        .replace("name: web\n", "name: web81\n")
+        .replace(":80\"\n    algorithm", ":81\"\n    algorithm");
+    let both = format!("{WEB}{}", web81.trim_start_matches("services:\n"));
+    let mut lb = LbXdp::start(&topo.lb, &topo.lb_if, "nat", &both, "VIP programmed in XDP");
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        names_seen_at(&topo, "10.77.9.100:81", 5).len(),
+        5,
+        "port 81 is balanced"
+    );
+
+    // A held connection on each backend.
+    let mut held: Vec<Held> = Vec::new();
+    for _ in 0..40 {
+        let h = Held::open(&topo);
+        if !held.iter().any(|o| o.backend == h.backend) {
+            held.push(h);
+        }
+        if held.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(held.len(), 2, "found a connection to each backend");
+
+    // kill -9, then the config lists the backends the other way round and drops port 81. A
+    // daemon that numbered backends by config order would send each flow to the other one.
+    lb.kill9();
+    let config = std::fs::read_to_string(lb.dir.join("lb.yaml")).unwrap();
+    let head = &config[..config.find("services:").unwrap()];
+    let reversed = WEB
+        .replace("10.77.0.11", "10.77.0.X")
+        .replace("10.77.0.12", "10.77.0.11")
+        .replace("10.77.0.X", "10.77.0.12");
+    std::fs::write(lb.dir.join("lb.yaml"), format!("{head}{reversed}")).unwrap();
+    lb.restart(&topo.lb, "VIP programmed in XDP", &[]);
+    assert!(
+        lb.log()
+            .contains("reusing the ids of a previous daemon's maps"),
+        "{}",
+        lb.log()
+    );
+    for h in &held {
+        assert!(
+            h.echo("after a restart with another order\n"),
+            "the flow on {} moved or stopped",
+            h.backend
+        );
+    }
+    // Port 81 is no service now: its packets reach lb's own stack, which refuses them.
+    let refused = in_ns(&topo.client, || {
+        let vip: SocketAddr = "10.77.9.100:81".parse().unwrap();
+        TcpStream::connect_timeout(&vip, Duration::from_secs(3))
+            .map_err(|e| e.kind())
+            .err()
+    });
+    assert_eq!(
+        refused,
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "the VIP of a service no longer configured was removed"
+    );
+    let names = names_seen(&topo, 40);
+    assert!(
+        names.iter().any(|n| n == "b1") && names.iter().any(|n| n == "b2"),
+        "new flows spread over both backends: {names:?}"
+    );
+    drop(held);
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().unwrap();
+    }
+}
