@@ -40,6 +40,8 @@ use crate::{
 /// Idle pipes kept for reuse, and the capacity of each (see README, "Resources").
 const PIPE_POOL_IDLE: usize = 256;
 const PIPE_SIZE: usize = 64 * 1024;
+/// Copy buffers: a read that fills one is bulk, and the relay switches to splice.
+const COPY_BUFFER_SIZE: usize = 16 * 1024;
 
 /// Everything bound and built before the async runtime starts.
 pub struct Prepared {
@@ -437,7 +439,7 @@ pub async fn run(
         services: std::sync::RwLock::new(Vec::new()),
         running: Mutex::new(HashMap::new()),
         shared: Arc::new(proxy::Shared {
-            pool: PipePool::new(PIPE_POOL_IDLE, PIPE_SIZE),
+            pool: PipePool::new(PIPE_POOL_IDLE, PIPE_SIZE, COPY_BUFFER_SIZE),
             mode: relay_mode(),
             tracker: TaskTracker::new(),
             force_close: CancellationToken::new(),
@@ -531,10 +533,12 @@ pub async fn run(
     Ok(())
 }
 
-/// `LB_RELAY=copy` selects the copy relay (for benchmarks); splice is the default.
+/// `LB_RELAY=copy` or `LB_RELAY=splice` pins one way of moving bytes (for benchmarks); the
+/// default adapts per direction (see [`RelayMode::Adaptive`]).
 fn relay_mode() -> RelayMode {
     match std::env::var("LB_RELAY").as_deref() {
         Ok("copy") => RelayMode::Copy,
-        _ => RelayMode::Splice,
+        Ok("splice") => RelayMode::Splice,
+        _ => RelayMode::Adaptive,
     }
 }

@@ -30,14 +30,16 @@ use crate::sys;
 /// How bytes are moved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RelayMode {
-    /// splice(2) through pooled pipes.
+    /// Each direction copies small messages through a pooled buffer and switches to splice
+    /// while reads fill that buffer (bulk), back again when they come back small. Measured
+    /// here: copying wins on request/response traffic (fewer steps per message), splice on
+    /// bulk (no copies through userspace). The default.
+    Adaptive,
+    /// splice(2) through pooled pipes, always.
     Splice,
-    /// read(2)/write(2) through a buffer.
+    /// read(2)/write(2) through pooled buffers, always.
     Copy,
 }
-
-/// Copy-mode buffer size.
-const COPY_BUF: usize = 64 * 1024;
 
 /// How a relayed connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,9 +149,29 @@ async fn direction(
     activity: &AtomicU64,
     start: Instant,
 ) -> Result<(), DirError> {
-    match mode {
-        RelayMode::Splice => splice_until_eof(src, dst, pool, bytes, activity, start).await?,
-        RelayMode::Copy => copy_until_eof(src, dst, bytes, activity, start).await?,
+    let mut splicing = mode == RelayMode::Splice;
+    loop {
+        let ready = src
+            .ready(Interest::READABLE)
+            .await
+            .map_err(DirError::Source)?;
+        let moved = if splicing {
+            splice_step(src, dst, ready, pool).await?
+        } else {
+            copy_step(src, dst, ready, pool).await?
+        };
+        match moved {
+            None => continue,
+            Some(0) => break,
+            Some(n) => {
+                bytes.fetch_add(n as u64, Relaxed);
+                touch(activity, start);
+                if mode == RelayMode::Adaptive {
+                    // Bulk while a read fills the copy buffer; small again below it.
+                    splicing = n >= pool.buffer_size();
+                }
+            }
+        }
     }
     // Every byte read before EOF has been written: pass the half-close on.
     socket2::SockRef::from(dst)
@@ -164,41 +186,70 @@ fn touch(activity: &AtomicU64, start: Instant) {
     );
 }
 
-async fn splice_until_eof(
+/// One splice from `src` into a pooled pipe and on to `dst`. `None`: nothing to read after
+/// all; `Some(0)`: EOF.
+async fn splice_step(
     src: &TcpStream,
     dst: &TcpStream,
+    ready: Ready,
     pool: &PipePool,
-    bytes: &AtomicU64,
-    activity: &AtomicU64,
-    start: Instant,
-) -> Result<(), DirError> {
+) -> Result<Option<usize>, DirError> {
     let want = pool.pipe_size();
-    loop {
-        let ready = src
-            .ready(Interest::READABLE)
-            .await
-            .map_err(DirError::Source)?;
-        // Borrow a pipe only once the socket says it has something (data or EOF).
-        let pipe = pool.get().map_err(DirError::Source)?;
-        let moved = read_once(src, ready, want, || {
-            sys::splice_once(src, &pipe.write, want)
-        });
-        match moved {
-            Ok(0) => {
-                pool.put(pipe);
-                return Ok(());
-            }
-            Ok(n) => {
-                drain(&pipe, n, dst).await?;
-                pool.put(pipe);
-                bytes.fetch_add(n as u64, Relaxed);
-                touch(activity, start);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => pool.put(pipe),
-            // The pipe is empty: splice moved nothing. Still, a failed pipe is not reused.
-            Err(e) => return Err(DirError::Source(e)),
+    // Borrow a pipe only once the socket says it has something (data or EOF).
+    let pipe = pool.get().map_err(DirError::Source)?;
+    match read_once(src, ready, want, || {
+        sys::splice_once(src, &pipe.write, want)
+    }) {
+        Ok(0) => {
+            pool.put(pipe);
+            Ok(Some(0))
+        }
+        Ok(n) => {
+            // On a write error the pipe may still hold bytes: it is dropped, not reused.
+            drain(&pipe, n, dst).await?;
+            pool.put(pipe);
+            Ok(Some(n))
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            pool.put(pipe);
+            Ok(None)
+        }
+        Err(e) => Err(DirError::Source(e)),
+    }
+}
+
+/// One read from `src` into a pooled buffer, written on to `dst`. `None`: nothing to read
+/// after all; `Some(0)`: EOF.
+async fn copy_step(
+    src: &TcpStream,
+    dst: &TcpStream,
+    ready: Ready,
+    pool: &PipePool,
+) -> Result<Option<usize>, DirError> {
+    let mut buf = pool.get_buffer();
+    let want = buf.len();
+    let n = match read_once(src, ready, want, || {
+        use std::io::Read as _;
+        (&*socket2::SockRef::from(src)).read(&mut buf)
+    }) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            pool.put_buffer(buf);
+            return Ok(None);
+        }
+        Err(e) => return Err(DirError::Source(e)),
+    };
+    let mut off = 0;
+    while off < n {
+        dst.writable().await.map_err(DirError::Dest)?;
+        match dst.try_write(&buf[off..n]) {
+            Ok(m) => off += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(DirError::Dest(e)),
         }
     }
+    pool.put_buffer(buf);
+    Ok(Some(n))
 }
 
 /// One read (or splice) from `src` through `op`, which asks for `want` bytes.
@@ -242,49 +293,4 @@ async fn drain(pipe: &Pipe, mut n: usize, dst: &TcpStream) -> Result<(), DirErro
         }
     }
     Ok(())
-}
-
-async fn copy_until_eof(
-    src: &TcpStream,
-    dst: &TcpStream,
-    bytes: &AtomicU64,
-    activity: &AtomicU64,
-    start: Instant,
-) -> Result<(), DirError> {
-    // Allocated on first data, so an idle connection holds no buffer.
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        let ready = src
-            .ready(Interest::READABLE)
-            .await
-            .map_err(DirError::Source)?;
-        if buf.is_empty() {
-            buf = vec![0; COPY_BUF];
-        }
-        let n = match read_once(src, ready, COPY_BUF, || {
-            use std::io::Read as _;
-            (&*socket2::SockRef::from(src)).read(&mut buf)
-        }) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // A wake-up without data (one comes right after accept): give the buffer
-                // back, so an idle connection holds none.
-                buf = Vec::new();
-                continue;
-            }
-            Err(e) => return Err(DirError::Source(e)),
-        };
-        let mut off = 0;
-        while off < n {
-            dst.writable().await.map_err(DirError::Dest)?;
-            match dst.try_write(&buf[off..n]) {
-                Ok(m) => off += m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(DirError::Dest(e)),
-            }
-        }
-        bytes.fetch_add(n as u64, Relaxed);
-        touch(activity, start);
-    }
 }
