@@ -117,7 +117,7 @@ fn select(only: Option<&str>) -> anyhow::Result<(Vec<Figure>, Vec<Peer>)> {
     }
     figures.sort();
     let peers = if relay_only {
-        vec![Peer::None, Peer::LbSplice, Peer::LbCopy]
+        vec![Peer::None, Peer::Lb, Peer::LbSplice, Peer::LbCopy]
     } else {
         Peer::ALL.to_vec()
     };
@@ -286,8 +286,10 @@ fn header(
          much CPU per request as the backend roughly halves the rate (a `vs none` near 0.5). \
          Absolute numbers move from run to run on a shared machine; compare ratios within \
          one run.\n\
-         - lb (splice) relays with splice(2) through pooled pipes; lb (copy) with read/write \
-         through a buffer (`LB_RELAY=copy`).\n",
+         - lb is lb as shipped: each direction copies small messages through a pooled buffer \
+         and splices bulk (adaptive relay). lb (splice) always splices through pooled pipes \
+         (`LB_RELAY=splice`); lb (copy) always reads and writes through a buffer \
+         (`LB_RELAY=copy`).\n",
         elapsed.as_secs_f64() / 60.0,
         loadavg(),
         if dirty { " (with local changes)" } else { "" },
@@ -338,13 +340,13 @@ mod tests {
     #[test]
     fn only() {
         let (f, p) = select(None).unwrap();
-        assert_eq!((f.len(), p.len()), (4, 5));
+        assert_eq!((f.len(), p.len()), (4, 6));
         let (f, p) = select(Some("rss, rr,rr")).unwrap();
         assert_eq!(f, [Figure::Rr, Figure::Rss]);
-        assert_eq!(p.len(), 5);
+        assert_eq!(p.len(), 6);
         let (f, p) = select(Some("relay")).unwrap();
         assert_eq!(f.len(), 4);
-        assert_eq!(p, [Peer::None, Peer::LbSplice, Peer::LbCopy]);
+        assert_eq!(p, [Peer::None, Peer::Lb, Peer::LbSplice, Peer::LbCopy]);
         assert!(select(Some("rps")).is_err());
     }
 }

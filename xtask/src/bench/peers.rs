@@ -52,6 +52,8 @@ impl Ctx {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Peer {
     None,
+    /// lb as shipped: the adaptive relay.
+    Lb,
     LbSplice,
     LbCopy,
     Haproxy,
@@ -59,8 +61,9 @@ pub enum Peer {
 }
 
 impl Peer {
-    pub const ALL: [Peer; 5] = [
+    pub const ALL: [Peer; 6] = [
         Peer::None,
+        Peer::Lb,
         Peer::LbSplice,
         Peer::LbCopy,
         Peer::Haproxy,
@@ -70,6 +73,7 @@ impl Peer {
     pub fn name(self) -> &'static str {
         match self {
             Peer::None => "no balancer",
+            Peer::Lb => "lb",
             Peer::LbSplice => "lb (splice)",
             Peer::LbCopy => "lb (copy)",
             Peer::Haproxy => "HAProxy",
@@ -98,6 +102,7 @@ impl Peer {
         }
         let frontend = ctx.ports.take()?;
         let dir = ctx.fresh_dir(match self {
+            Peer::Lb => "lb",
             Peer::LbSplice => "lb-splice",
             Peer::LbCopy => "lb-copy",
             Peer::Haproxy => "haproxy",
@@ -105,7 +110,7 @@ impl Peer {
         })?;
         let log = dir.join("log.txt");
         let cmd = match self {
-            Peer::LbSplice | Peer::LbCopy => {
+            Peer::Lb | Peer::LbSplice | Peer::LbCopy => {
                 let conf = dir.join("lb.yaml");
                 std::fs::write(&conf, lb_config(frontend, backends))?;
                 let mut cmd = Command::new(&ctx.lb_bin);
@@ -119,11 +124,11 @@ impl Peer {
                 ])
                 .arg(&conf)
                 .args(["--workers", &threads.to_string()]);
-                if self == Peer::LbCopy {
-                    cmd.env("LB_RELAY", "copy");
-                } else {
-                    cmd.env_remove("LB_RELAY");
-                }
+                match self {
+                    Peer::LbCopy => cmd.env("LB_RELAY", "copy"),
+                    Peer::LbSplice => cmd.env("LB_RELAY", "splice"),
+                    _ => cmd.env_remove("LB_RELAY"),
+                };
                 cmd
             }
             Peer::Haproxy => {
