@@ -886,18 +886,27 @@ fn xdp_restart_with_another_config_keeps_established_flows_on_their_backends() {
 
     // kill -9, then the config lists the backends the other way round and drops port 81. A
     // daemon that numbered backends by config order would send each flow to the other one.
+    // And backends start down, up after 3 checks: a daemon that programmed them down until
+    // then would cut their flows.
     lb.kill9();
     let config = std::fs::read_to_string(lb.dir.join("lb.yaml")).unwrap();
     let head = &config[..config.find("services:").unwrap()];
     let reversed = WEB
         .replace("10.77.0.11", "10.77.0.X")
         .replace("10.77.0.12", "10.77.0.11")
-        .replace("10.77.0.X", "10.77.0.12");
+        .replace("10.77.0.X", "10.77.0.12")
+        .replace("rise: 1\n", "rise: 3\n      initial_state: down\n");
+    assert!(reversed.contains("initial_state"));
     std::fs::write(lb.dir.join("lb.yaml"), format!("{head}{reversed}")).unwrap();
     lb.restart(&topo.lb, "VIP programmed in XDP", &[]);
     assert!(
         lb.log()
             .contains("reusing the ids of a previous daemon's maps"),
+        "{}",
+        lb.log()
+    );
+    assert!(
+        lb.log().contains("up, as the previous daemon left it"),
         "{}",
         lb.log()
     );

@@ -22,13 +22,14 @@
 //! balancer in front of everything is the safer side (detaching would send every VIP packet
 //! to the local stack, which answers with resets). A daemon that starts again reuses the
 //! pinned maps, takes back the backend and service ids they hold (so established flows keep
-//! their backends even if the config's order changed), removes services no longer
-//! configured, and replaces the program in the pinned link without a gap. To take the VIPs
+//! their backends even if the config's order changed), starts the backends it left up as up
+//! (whatever `initial_state` says; health checks decide from there), removes services no
+//! longer configured, and replaces the program in the pinned link without a gap. To take the VIPs
 //! off the interface: remove the `XDP_LINK_*` pin, or start with `lb run --fresh`, which
 //! removes every pin first (established flows are forgotten).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
@@ -70,6 +71,9 @@ pub struct XdpRuntime {
     service_ids: Mutex<HashMap<SocketAddr, u32>>,
     /// The last MAC known of each backend, for when its neighbour entry ages out.
     macs: Mutex<HashMap<SocketAddr, [u8; 6]>>,
+    /// Backends a previous daemon left forwarding in reused maps; taken by the first
+    /// [`XdpRuntime::program`].
+    inherited_up: Mutex<Option<HashSet<SocketAddr>>>,
 }
 
 impl std::fmt::Debug for XdpRuntime {
@@ -111,16 +115,17 @@ impl XdpRuntime {
         }
         let mut dp = XdpDataplane::load(&config.dataplane.pin_path, &options)?;
         // What a previous daemon left in reused maps: its ids, which established flows name.
-        let ids: HashMap<SocketAddr, u32> = dp
-            .programmed_backends()?
-            .into_iter()
-            .map(|(id, addr, _)| (addr, id))
+        let previous = dp.programmed_backends()?;
+        let ids: HashMap<SocketAddr, u32> = previous.iter().map(|b| (b.addr, b.id)).collect();
+        let macs: HashMap<SocketAddr, [u8; 6]> = previous
+            .iter()
+            .filter(|b| b.mac != [0; 6])
+            .map(|b| (b.addr, b.mac))
             .collect();
-        let macs: HashMap<SocketAddr, [u8; 6]> = dp
-            .programmed_backends()?
-            .into_iter()
-            .filter(|(_, _, mac)| *mac != [0; 6])
-            .map(|(_, addr, mac)| (addr, mac))
+        let inherited_up: HashSet<SocketAddr> = previous
+            .iter()
+            .filter(|b| b.up && b.mac != [0; 6])
+            .map(|b| b.addr)
             .collect();
         let mut service_ids = HashMap::new();
         for (vip, id) in dp.programmed_services()? {
@@ -163,6 +168,7 @@ impl XdpRuntime {
             max_backends: options.max_backends,
             service_ids: Mutex::new(service_ids),
             macs: Mutex::new(macs),
+            inherited_up: Mutex::new(Some(inherited_up)),
         })
     }
 
@@ -202,6 +208,25 @@ impl XdpRuntime {
         let mut dp = self.dp.lock().unwrap_or_else(|e| e.into_inner());
         let mut service_ids = self.service_ids.lock().unwrap_or_else(|e| e.into_inner());
         let mut neighbours = Neighbours::default();
+        let inherited = self
+            .inherited_up
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
+        for (_, service) in services {
+            for backend in &service.backends {
+                // A restart must not cut the flows of a backend the previous daemon left up
+                // (say with `initial_state: down`): it starts up, and its health checks
+                // decide from here.
+                if inherited.contains(&backend.address)
+                    && backend.health() == crate::state::Health::Down
+                {
+                    backend.set_health(crate::state::Health::Up);
+                    tracing::info!(backend = %backend.address, "up, as the previous daemon left it; health checks decide from here");
+                }
+            }
+        }
         for vip in removed {
             dp.remove_service(*vip)?;
             service_ids.remove(vip);

@@ -203,6 +203,16 @@ pub enum XdpError {
     ServiceIdInUse { id: u32, other: SocketAddr },
 }
 
+/// A backend as the map holds it (see [`XdpDataplane::programmed_backends`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgrammedBackend {
+    pub id: u32,
+    pub addr: SocketAddr,
+    pub mac: [u8; 6],
+    /// Up or draining: its flows are forwarded.
+    pub up: bool,
+}
+
 /// Packets by verdict, drops by reason and flow events, each summed over all CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct XdpCounters {
@@ -560,7 +570,7 @@ impl XdpDataplane {
     /// The backends the map holds (id, address, MAC), those with an address: in a reused
     /// map set, what the previous daemon programmed, so a restarted one keeps the ids that
     /// established flows name.
-    pub fn programmed_backends(&self) -> Result<Vec<(u32, SocketAddr, [u8; 6])>, XdpError> {
+    pub fn programmed_backends(&self) -> Result<Vec<ProgrammedBackend>, XdpError> {
         let mut out = Vec::new();
         for id in 0..self.meta.max_backends {
             let b = self
@@ -568,7 +578,12 @@ impl XdpDataplane {
                 .get(&id, 0)
                 .map_err(map_err(names::LB_BACKENDS))?;
             if let Some(ip) = addr_ip(&b.addr, b.family) {
-                out.push((id, SocketAddr::new(ip, b.port), b.mac));
+                out.push(ProgrammedBackend {
+                    id,
+                    addr: SocketAddr::new(ip, b.port),
+                    mac: b.mac,
+                    up: b.flags & BACKEND_UP != 0,
+                });
             }
         }
         Ok(out)
