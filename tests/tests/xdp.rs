@@ -940,3 +940,50 @@ fn xdp_restart_with_another_config_keeps_established_flows_on_their_backends() {
         s.join().unwrap();
     }
 }
+
+#[test]
+fn xdp_program_left_attached_is_reported_by_a_proxy_daemon_and_removed_by_fresh() {
+    if !lb_tests::privileged(
+        "xdp_program_left_attached_is_reported_by_a_proxy_daemon_and_removed_by_fresh",
+    ) {
+        return;
+    }
+    let topo = Topology::new(Replies::ThroughLb);
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers: Vec<_> = topo
+        .backends
+        .iter()
+        .zip(["b1", "b2"])
+        .map(|(ns, name)| backend(ns, name, Arc::clone(&stop)))
+        .collect();
+    let _pass = LbXdp::start(&topo.sw, &topo.lb_peer, "nat", "services: []\n", "starting");
+    let mut lb = LbXdp::start(&topo.lb, &topo.lb_if, "nat", WEB, "VIP programmed in XDP");
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(names_seen(&topo, 5).len(), 5);
+    lb.kill9();
+
+    // The same config run as a proxy: the XDP program is still there, and lb says so.
+    lb.restart(&topo.lb, "listening", &["--dataplane", "proxy"]);
+    assert!(
+        lb.log().contains("still attached and balancing its VIPs"),
+        "{}",
+        lb.log()
+    );
+    assert_eq!(xdp_programs(&topo.lb, &topo.lb_if).len(), 1);
+    lb.kill9();
+
+    // --fresh removes the pins: the program is detached and the proxy carries the traffic.
+    lb.restart(&topo.lb, "listening", &["--dataplane", "proxy", "--fresh"]);
+    assert!(lb.log().contains("fresh start: removed"), "{}", lb.log());
+    assert!(!lb.log().contains("still attached"), "{}", lb.log());
+    assert_eq!(xdp_programs(&topo.lb, &topo.lb_if), Vec::<u64>::new());
+    assert_eq!(
+        names_seen(&topo, 5).len(),
+        5,
+        "the proxy answers on the VIP"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().unwrap();
+    }
+}

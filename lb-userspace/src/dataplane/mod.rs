@@ -62,10 +62,49 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// XDP links a previous daemon pinned under `pin_path`: their programs are still attached.
+fn leftover_links(config: &Config) -> Vec<String> {
+    std::fs::read_dir(&config.dataplane.pin_path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("XDP_LINK_"))
+        .collect()
+}
+
+/// Picks the dataplane for `config.dataplane.mode` (see [`choose_inner`]). When it is not
+/// xdp, `fresh` removes what a previous xdp daemon pinned (detaching its program); without
+/// `fresh` a program still attached that way is warned about: it would go on balancing its
+/// VIPs' packets before this daemon sees them.
+pub fn choose(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
+    let choice = choose_inner(config, fresh)?;
+    if choice.kind != Kind::Xdp && fresh {
+        match xdp::remove_pins(&config.dataplane.pin_path) {
+            Ok(removed) => {
+                for path in removed {
+                    tracing::info!(pin = %path.display(), "fresh start: removed");
+                }
+            }
+            Err(e) => tracing::warn!("fresh start: {}", chain(&e)),
+        }
+    }
+    if choice.kind != Kind::Xdp {
+        for link in leftover_links(config) {
+            tracing::warn!(
+                link = %config.dataplane.pin_path.join(&link).display(),
+                "an XDP program pinned by a previous daemon is still attached and balancing its VIPs; \
+                 remove this pin (or start once in xdp mode with --fresh) to detach it"
+            );
+        }
+    }
+    Ok(choice)
+}
+
 /// Picks the dataplane for `config.dataplane.mode`; for xdp (explicit, or `auto` with an
 /// interface configured) this loads and attaches the program (`fresh`: after removing what a
 /// previous daemon pinned).
-pub fn choose(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
+fn choose_inner(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
     let proxy = |passed_over| Choice {
         kind: Kind::Proxy,
         passed_over,
