@@ -1,16 +1,17 @@
 //! The xdp dataplane at run time: programs the kernel's maps from lb's state and keeps them
-//! current. Services become VIPs (their `listen` address), backends get stable ids (their order
-//! of first appearance in the config), each service gets a Maglev table, and a sync every
-//! second pushes health (up, draining, ejected) and backend MACs into the backend map.
+//! current. Services become VIPs (their `listen` address), backends get stable ids (the ones a
+//! reused map set holds, else the next free one in order of first appearance in the config),
+//! each service gets a Maglev table, and a sync every second pushes health (up, draining,
+//! ejected) and backend MACs into the backend map.
 //!
 //! In the kernel every new flow is placed by Maglev consistent hashing: `source_hash` services
 //! hash the client IP, every other algorithm hashes client IP and port (a per-packet program
 //! cannot count connections or keep a round-robin cursor). Weights shape the table.
 //!
 //! Backend MACs come from the kernel's neighbour tables (`/proc/net/arp` for IPv4, `ip -6
-//! neigh` for IPv6, each read at most once per sync); until a
-//! backend's MAC is known it is programmed down, and a TCP connect to it (which the health
-//! checks also do) makes the kernel resolve it. A MAC once known (or found in a reused map) is
+//! neigh` for IPv6, each read at most once per sync); until a backend's MAC is known it is
+//! programmed down, and a TCP connect to it (which the health checks also do) makes the kernel
+//! resolve it. A MAC once known (or found in a reused map) is
 //! kept when the neighbour entry ages out.
 //!
 //! Restarts: the program is attached through a link pinned under `pin_path`
@@ -24,8 +25,8 @@
 //! pinned maps, takes back the backend and service ids they hold (so established flows keep
 //! their backends even if the config's order changed), starts the backends it left up as up
 //! (whatever `initial_state` says; health checks decide from there), removes services no
-//! longer configured, and replaces the program in the pinned link without a gap. To take the VIPs
-//! off the interface: remove the `XDP_LINK_*` pin, or start with `lb run --fresh`, which
+//! longer configured, and replaces the program in the pinned link without a gap. To take the
+//! VIPs off the interface: remove the `XDP_LINK_*` pin, or start with `lb run --fresh`, which
 //! removes every pin first (established flows are forgotten).
 
 use std::{
