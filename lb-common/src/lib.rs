@@ -46,6 +46,15 @@ pub mod names {
     pub const LB_META: &str = "LB_META";
     /// The XDP program.
     pub const XDP_PROG: &str = "xdp_lb";
+    /// Sockmap: SOCKHASH, socket cookie (`u64`) -> socket. Every socket of a connection the
+    /// kernel relays. bpftool shows cookies and socket ids, not fields (a kernel limit).
+    pub const SK_SOCKS: &str = "SK_SOCKS";
+    /// Sockmap: hash, socket cookie (`u64`) -> [`crate::SockPeer`]: where that socket's bytes go.
+    pub const SK_PEERS: &str = "SK_PEERS";
+    /// Sockmap: per-CPU counters, key = [`crate::SkEvent`], value = `u64`.
+    pub const SK_STATS: &str = "SK_STATS";
+    /// The sockmap stream verdict program.
+    pub const SK_PROG: &str = "lb_sk_verdict";
 }
 
 /// `family` of an IPv4 address.
@@ -447,10 +456,68 @@ pub mod sip {
     }
 }
 
+/// Value of [`names::SK_PEERS`]: one socket of a connection the kernel relays (keyed by its
+/// cookie), and where its bytes go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockPeer {
+    /// Cookie of the socket this one's bytes are redirected to (the other side).
+    pub peer_cookie: u64,
+    /// Bytes the verdict program redirected to the peer (written by the kernel only).
+    pub bytes: u64,
+    /// Bytes passed up to this socket for the daemon to relay (written by the kernel only).
+    pub passed_bytes: u64,
+    /// [`SK_PASSING`] once set; the daemon writes 0 when it inserts the entry.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockPeer>() == 32);
+
+/// [`SockPeer::flags`]: a redirect to the peer failed (the peer was not in
+/// [`names::SK_SOCKS`] yet, or no longer), so that byte went to this socket's own queue.
+/// Sticky: every later byte of this direction goes there too and the daemon relays it, so
+/// bytes never overtake each other.
+pub const SK_PASSING: u32 = 1;
+
+/// Key of [`names::SK_STATS`]: what the verdict program did with an skb.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SkEvent {
+    /// Redirected to the peer socket: skbs.
+    Redirect = 0,
+    /// Redirected to the peer socket: bytes.
+    RedirectBytes = 1,
+    /// Passed to the socket's own queue because the direction is passing (see [`SK_PASSING`]).
+    Passed = 2,
+    /// A socket with no [`names::SK_PEERS`] entry: passed to its own queue.
+    NoPeer = 3,
+}
+
+impl SkEvent {
+    pub const ALL: [SkEvent; 4] = [
+        SkEvent::Redirect,
+        SkEvent::RedirectBytes,
+        SkEvent::Passed,
+        SkEvent::NoPeer,
+    ];
+    pub const COUNT: u32 = 4;
+
+    /// The label used in metrics (`lb_sockmap_events_total{event=".."}`).
+    pub const fn label(self) -> &'static str {
+        match self {
+            SkEvent::Redirect => "redirect",
+            SkEvent::RedirectBytes => "redirect_bytes",
+            SkEvent::Passed => "passed",
+            SkEvent::NoPeer => "no_peer",
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY (all): #[repr(C)] structs of integers and byte arrays whose padding is explicit
     // (sizes asserted above), so every byte is initialised and any bit pattern is valid.
+    unsafe impl aya::Pod for super::SockPeer {}
     unsafe impl aya::Pod for super::XdpCounter {}
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipInfo {}

@@ -105,3 +105,77 @@ pub fn drop_privileges(run_as: Option<&str>, keep: &[caps::Capability]) -> io::R
     nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)?;
     Ok(())
 }
+
+/// Bytes ever queued for sending on the TCP socket `socket` (acknowledged ones plus those
+/// still in its send queue): `tcpi_bytes_acked` + SIOCOUTQ.
+///
+/// Read in that order, an ACK arriving in between can only make the sum smaller than the
+/// truth, never larger, so "at least N bytes have been queued" is never claimed early.
+pub fn tcp_bytes_queued(socket: &impl AsFd) -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    // struct tcp_info up to and including tcpi_bytes_received (linux/tcp.h, stable ABI).
+    const TCP_INFO_LEN: usize = 136;
+    const BYTES_ACKED_AT: usize = 120;
+    let fd = socket.as_fd().as_raw_fd();
+    let mut info = [0u8; TCP_INFO_LEN];
+    let mut len = TCP_INFO_LEN as libc::socklen_t;
+    // SAFETY: `info` is a writable buffer of `len` bytes that outlives the call, and `len`
+    // is a valid socklen_t the kernel updates with the size it wrote.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < BYTES_ACKED_AT + 8 {
+        return Err(io::Error::other(
+            "kernel's tcp_info has no tcpi_bytes_acked",
+        ));
+    }
+    let mut acked = [0u8; 8];
+    acked.copy_from_slice(&info[BYTES_ACKED_AT..BYTES_ACKED_AT + 8]);
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer, which is valid for the call.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::from_ne_bytes(acked) + u64::try_from(outq).unwrap_or(0))
+}
+
+/// The kernel's cookie of `socket` (SO_COOKIE): unique for the socket's lifetime.
+pub fn socket_cookie(socket: &impl AsFd) -> io::Result<u64> {
+    socket2::SockRef::from(socket).cookie()
+}
+
+/// Runs the bytes already in `socket`'s receive queue through its `sk_data_ready` hook, which
+/// for a socket in a sockmap is the verdict program: setting SO_RCVLOWAT makes TCP check
+/// "is there data to signal?" at once (`tcp_set_rcvlowat` calls `tcp_data_ready`).
+///
+/// Used instead of a read: on this kernel a read that finds bytes the program has not seen
+/// yet runs the program and then rewinds `copied_seq` over what it redirected
+/// (`tcp_bpf_recvmsg_parser` samples it first), which breaks the connection.
+pub fn kick_receive_queue(socket: &impl AsFd) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let one: libc::c_int = 1;
+    // SAFETY: `one` is a valid int for the duration of the call, and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            std::ptr::from_ref(&one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

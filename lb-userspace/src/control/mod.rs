@@ -109,12 +109,14 @@ pub fn prepare(config: &Config, fresh: bool) -> anyhow::Result<Prepared> {
         // With xdp the kernel answers for the VIP: nothing listens in userspace.
         let listener = match choice.kind {
             dataplane::Kind::Xdp => None,
-            dataplane::Kind::Proxy => Some(proxy::bind(service.listen).with_context(|| {
-                format!(
-                    "service {}: cannot listen on {}",
-                    service.name, service.listen
-                )
-            })?),
+            dataplane::Kind::Proxy | dataplane::Kind::Sockmap => {
+                Some(proxy::bind(service.listen).with_context(|| {
+                    format!(
+                        "service {}: cannot listen on {}",
+                        service.name, service.listen
+                    )
+                })?)
+            }
         };
         services.push((service.clone(), listener, built));
     }
@@ -161,6 +163,8 @@ struct Running {
 pub struct Daemon {
     path: PathBuf,
     pub dataplane: &'static str,
+    /// The better dataplanes not used, and why (for `/status`).
+    pub passed_over: Vec<(&'static str, String)>,
     services: std::sync::RwLock<Vec<(String, Arc<ArcSwap<Service>>)>>,
     running: Mutex<HashMap<String, Running>>,
     shared: Arc<proxy::Shared>,
@@ -436,6 +440,7 @@ pub async fn run(
     let daemon = Arc::new(Daemon {
         path,
         dataplane: choice.kind.as_str(),
+        passed_over: std::mem::take(&mut choice.passed_over),
         services: std::sync::RwLock::new(Vec::new()),
         running: Mutex::new(HashMap::new()),
         shared: Arc::new(proxy::Shared {
@@ -443,6 +448,7 @@ pub async fn run(
             mode: relay_mode(),
             tracker: TaskTracker::new(),
             force_close: CancellationToken::new(),
+            sockmap: choice.sockmap.take(),
         }),
         tasks: TaskTracker::new(),
         reloads_ok: AtomicU64::new(0),

@@ -3,13 +3,15 @@
 //! - `proxy`: the daemon relays bytes itself (splice through pooled pipes). Needs nothing.
 //! - `xdp`: the XDP object's owner (load, pin, attach, maps, counters), and `vip`, which
 //!   programs it from lb's state: VIP packets are balanced in the kernel before the stack.
-//! - sockmap: not built yet.
+//! - `sockmap`: the daemon connects, then the kernel (an `sk_skb` verdict program) relays the
+//!   bytes of each socket pair; a start-up self-test proves it on this kernel first.
 //!
 //! `mode: auto` picks the best one that works and says which, and why not the others.
 
 pub mod pipes;
 pub mod proxy;
 pub mod relay;
+pub mod sockmap;
 pub mod vip;
 pub mod xdp;
 
@@ -19,6 +21,7 @@ use crate::config::{Config, DataplaneMode, ProxyProtocol};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Proxy,
+    Sockmap,
     Xdp,
 }
 
@@ -26,6 +29,7 @@ impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Proxy => "proxy",
+            Kind::Sockmap => "sockmap",
             Kind::Xdp => "xdp",
         }
     }
@@ -39,6 +43,8 @@ pub struct Choice {
     /// Why each better dataplane was not used.
     pub passed_over: Vec<(&'static str, String)>,
     pub xdp: Option<vip::XdpRuntime>,
+    /// The loaded sockmap program, in the sockmap dataplane.
+    pub sockmap: Option<std::sync::Arc<sockmap::Sockmap>>,
 }
 
 /// Errors choosing a dataplane.
@@ -48,10 +54,8 @@ pub enum ChooseError {
     Unavailable { mode: &'static str, why: String },
 }
 
-const SOCKMAP_NOT_BUILT: &str = "the sockmap dataplane is not implemented in this version";
-
 /// The whole error chain on one line.
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -103,28 +107,35 @@ pub fn choose(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
 
 /// Picks the dataplane for `config.dataplane.mode`; for xdp (explicit, or `auto` with an
 /// interface configured) this loads and attaches the program (`fresh`: after removing what a
-/// previous daemon pinned).
+/// previous daemon pinned); for sockmap it loads the verdict program and runs the self-test.
 fn choose_inner(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
-    let proxy = |passed_over| Choice {
-        kind: Kind::Proxy,
+    let plain = |kind, passed_over| Choice {
+        kind,
         passed_over,
         xdp: None,
+        sockmap: None,
+    };
+    let with_sockmap = |sockmap, passed_over| Choice {
+        sockmap: Some(sockmap),
+        ..plain(Kind::Sockmap, passed_over)
     };
     let start_xdp = || vip::XdpRuntime::start(config, fresh).map_err(|e| chain(&e));
     match config.dataplane.mode {
-        DataplaneMode::Proxy => Ok(proxy(Vec::new())),
+        DataplaneMode::Proxy => Ok(plain(Kind::Proxy, Vec::new())),
         DataplaneMode::Xdp => match start_xdp() {
             Ok(rt) => Ok(Choice {
-                kind: Kind::Xdp,
-                passed_over: Vec::new(),
                 xdp: Some(rt),
+                ..plain(Kind::Xdp, Vec::new())
             }),
             Err(why) => Err(ChooseError::Unavailable { mode: "xdp", why }),
         },
-        DataplaneMode::Sockmap => Err(ChooseError::Unavailable {
-            mode: "sockmap",
-            why: SOCKMAP_NOT_BUILT.to_owned(),
-        }),
+        DataplaneMode::Sockmap => match start_sockmap(config) {
+            Ok(sockmap) => Ok(with_sockmap(sockmap, Vec::new())),
+            Err(why) => Err(ChooseError::Unavailable {
+                mode: "sockmap",
+                why,
+            }),
+        },
         DataplaneMode::Auto => {
             let xdp_why = if config.dataplane.xdp.is_none() {
                 "no dataplane.xdp.interface is configured".to_owned()
@@ -137,20 +148,55 @@ fn choose_inner(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
             } else {
                 match start_xdp() {
                     Ok(rt) => {
-                        let passed_over = Vec::new();
                         return Ok(Choice {
-                            kind: Kind::Xdp,
-                            passed_over,
                             xdp: Some(rt),
+                            ..plain(Kind::Xdp, Vec::new())
                         });
                     }
                     Err(why) => why,
                 }
             };
-            Ok(proxy(vec![
-                ("xdp", xdp_why),
-                ("sockmap", SOCKMAP_NOT_BUILT.to_owned()),
-            ]))
+            let sockmap_why = if config.dataplane.sockmap.enabled {
+                match start_sockmap(config) {
+                    Ok(sockmap) => return Ok(with_sockmap(sockmap, vec![("xdp", xdp_why)])),
+                    Err(why) => why,
+                }
+            } else {
+                "dataplane.sockmap.enabled is false".to_owned()
+            };
+            Ok(plain(
+                Kind::Proxy,
+                vec![("xdp", xdp_why), ("sockmap", sockmap_why)],
+            ))
         }
     }
+}
+
+/// Set in the environment, the sockmap self-test fails on purpose (tests of the fallback).
+pub const FORCE_SELFTEST_FAILURE: &str = "LB_SOCKMAP_SELFTEST_FAIL";
+
+/// Loads the sockmap program and proves it on this kernel (see [`sockmap::Sockmap::self_test`]).
+fn start_sockmap(config: &Config) -> Result<std::sync::Arc<sockmap::Sockmap>, String> {
+    let sockets: u64 = config
+        .services
+        .iter()
+        .map(|s| 2 * u64::from(s.max_connections.get()))
+        .sum();
+    let sockets = u32::try_from(sockets.clamp(4096, 1 << 22)).unwrap_or(1 << 22);
+    let loaded =
+        sockmap::Sockmap::load(&config.dataplane.pin_path, sockets).map_err(|e| chain(&e))?;
+    if std::env::var_os(FORCE_SELFTEST_FAILURE).is_some() {
+        return Err(format!(
+            "start-up self-test failed: forced by {FORCE_SELFTEST_FAILURE}"
+        ));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the self-test runtime: {e}"))?;
+    runtime
+        .block_on(loaded.self_test())
+        .map_err(|e| chain(&e))?;
+    tracing::info!("sockmap self-test passed: exact bytes, half-close both ways, EOF");
+    Ok(std::sync::Arc::new(loaded))
 }

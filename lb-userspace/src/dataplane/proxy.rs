@@ -36,6 +36,8 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Fired when the drain deadline passes: open connections close.
     pub force_close: CancellationToken,
+    /// The sockmap dataplane: connections are handed to the kernel once connected.
+    pub sockmap: Option<Arc<super::sockmap::Sockmap>>,
 }
 
 /// Binds a listening socket: SO_REUSEADDR, IPv6 sockets IPv6-only, backlog 1024, non-blocking
@@ -149,16 +151,32 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
             to_backend: &backend.bytes_to_backend,
             to_client: &backend.bytes_to_client,
         };
-        let outcome = relay::relay(
-            client,
-            stream,
-            shared.mode,
-            &shared.pool,
-            counters,
-            config.idle_timeout,
-            &shared.force_close,
-        )
-        .await;
+        let outcome = match &shared.sockmap {
+            Some(sockmap) => {
+                sockmap
+                    .relay(
+                        client,
+                        stream,
+                        &shared.pool,
+                        counters,
+                        config.idle_timeout,
+                        &shared.force_close,
+                    )
+                    .await
+            }
+            None => {
+                relay::relay(
+                    client,
+                    stream,
+                    shared.mode,
+                    &shared.pool,
+                    counters,
+                    config.idle_timeout,
+                    &shared.force_close,
+                )
+                .await
+            }
+        };
         match outcome {
             Outcome::Closed => tracing::debug!(backend = %backend.address, "closed"),
             other => tracing::debug!(backend = %backend.address, outcome = ?other, "ended"),

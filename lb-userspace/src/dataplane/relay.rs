@@ -58,7 +58,7 @@ pub enum Outcome {
 
 /// Which side failed, and how.
 #[derive(Debug)]
-enum DirError {
+pub(super) enum DirError {
     /// Reading the source failed (it reset, or errored).
     Source(io::Error),
     /// Writing the destination failed (it is gone).
@@ -66,6 +66,7 @@ enum DirError {
 }
 
 /// Byte counters of one relayed connection, shared with the backend's totals.
+#[derive(Clone, Copy)]
 pub struct Counters<'a> {
     pub to_backend: &'a AtomicU64,
     pub to_client: &'a AtomicU64,
@@ -220,7 +221,7 @@ async fn splice_step(
 
 /// One read from `src` into a pooled buffer, written on to `dst`. `None`: nothing to read
 /// after all; `Some(0)`: EOF.
-async fn copy_step(
+pub(super) async fn copy_step(
     src: &TcpStream,
     dst: &TcpStream,
     ready: Ready,
