@@ -109,8 +109,26 @@ pub struct Sockmap {
     /// Connections that could not be handed over (a map full, ...) and were relayed in
     /// userspace instead.
     pub kept: AtomicU64,
+    /// Our pins and the ids of the maps they name: removed on drop if still ours.
+    pinned: Vec<(PathBuf, Option<u32>)>,
     /// Owns the program and its attachment to `SK_SOCKS` (detached on drop).
     _ebpf: Ebpf,
+}
+
+impl Drop for Sockmap {
+    /// The maps describe this daemon's connections, which end with it: unpin them, unless
+    /// another daemon has pinned its own under the same names since.
+    fn drop(&mut self) {
+        for (path, id) in &self.pinned {
+            let still_ours = MapData::from_pin(path)
+                .ok()
+                .and_then(|m| m.info().ok())
+                .map(|info| info.id());
+            if id.is_some() && still_ours == *id {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Sockmap {
@@ -134,13 +152,14 @@ impl Sockmap {
             .map_max_entries(names::SK_PEERS, max_sockets)
             .load(SOCKMAP_OBJECT)
             .map_err(|e| SockmapError::Load(Box::new(e)))?;
+        let mut pinned = Vec::new();
         for name in MAP_NAMES {
             let map: &Map = ebpf
                 .map(name)
                 .ok_or(SockmapError::Missing { what: "map", name })?;
             let path = pin_dir.join(name);
-            map.pin(&path)
-                .map_err(|source| SockmapError::Pin { name, path, source })?;
+            pin(map, &path, name)?;
+            pinned.push((path, map_id(map)));
         }
         let socks: SockHash<MapData, u64> = take(&mut ebpf, names::SK_SOCKS)?;
         let peers: BpfHashMap<MapData, u64, SockPeer> = take(&mut ebpf, names::SK_PEERS)?;
@@ -165,6 +184,7 @@ impl Sockmap {
             stats,
             handed: AtomicU64::new(0),
             kept: AtomicU64::new(0),
+            pinned,
             _ebpf: ebpf,
         })
     }
@@ -622,6 +642,38 @@ fn passing(sockmap: &Sockmap, cookie: u64) -> bool {
     sockmap
         .peer(cookie)
         .is_ok_and(|p| p.flags & SK_PASSING != 0)
+}
+
+/// Pins `map` at `path`. A pin that appears between our removal and our pin is another
+/// daemon's (a misconfiguration: two daemons share `pin_path`): replaced, at most 3 times.
+fn pin(map: &Map, path: &Path, name: &'static str) -> Result<(), SockmapError> {
+    let mut tries = 0;
+    loop {
+        match map.pin(path) {
+            Ok(()) => return Ok(()),
+            Err(aya::pin::PinError::SyscallError(e))
+                if e.io_error.kind() == io::ErrorKind::AlreadyExists && tries < 3 =>
+            {
+                tries += 1;
+                let _ = std::fs::remove_file(path);
+            }
+            Err(source) => {
+                return Err(SockmapError::Pin {
+                    name,
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+fn map_id(map: &Map) -> Option<u32> {
+    let data: &MapData = match map {
+        Map::SockHash(m) | Map::HashMap(m) | Map::PerCpuArray(m) => m,
+        _ => return None,
+    };
+    data.info().ok().map(|info| info.id())
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, SockmapError>
