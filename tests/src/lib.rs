@@ -42,9 +42,14 @@ pub fn privileged(test: &str) -> bool {
 
 /// The dataplanes every end-to-end case runs against, by their `dataplane.mode` spelling.
 ///
+/// By default: proxy, and sockmap when the tests may load eBPF (root; see [`privileged`]).
 /// `LB_TEST_DATAPLANES=proxy,sockmap` narrows (or widens) the list for one run.
 pub fn dataplanes() -> Vec<&'static str> {
-    const ALL: &[&str] = &["proxy"];
+    let all: &[&str] = if privileged("the sockmap runs of the end-to-end suite") {
+        &["proxy", "sockmap"]
+    } else {
+        &["proxy"]
+    };
     const KNOWN: &[&str] = &["proxy", "sockmap", "xdp"];
     match std::env::var("LB_TEST_DATAPLANES") {
         Ok(list) if !list.trim().is_empty() => list
@@ -59,7 +64,7 @@ pub fn dataplanes() -> Vec<&'static str> {
                     })
             })
             .collect(),
-        _ => ALL.to_vec(),
+        _ => all.to_vec(),
     }
 }
 

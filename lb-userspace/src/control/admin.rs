@@ -146,7 +146,13 @@ pub fn status_json(daemon: &Daemon) -> serde_json::Value {
             })
         })
         .collect();
-    json!({ "dataplane": daemon.dataplane, "services": services })
+    // Why each better dataplane was not used: no surprise about which path carries traffic.
+    let passed_over: serde_json::Map<String, serde_json::Value> = daemon
+        .passed_over
+        .iter()
+        .map(|(name, why)| ((*name).to_owned(), json!(why)))
+        .collect();
+    json!({ "dataplane": daemon.dataplane, "passed_over": passed_over, "services": services })
 }
 
 async fn status(State(app): State<App>) -> Json<serde_json::Value> {

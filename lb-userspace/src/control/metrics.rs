@@ -220,6 +220,36 @@ impl Collector for LbCollector {
                 Err(e) => tracing::warn!(error = %e, "cannot read the XDP counters"),
             }
         }
+        if let Some(sockmap) = &self.0.shared.sockmap {
+            let handed = [
+                ("kernel", sockmap.handed.load(Relaxed)),
+                ("userspace", sockmap.kept.load(Relaxed)),
+            ];
+            labelled_counter(
+                &mut encoder,
+                "lb_sockmap_connections",
+                "Connections of the sockmap dataplane, by who relayed their bytes (userspace: \
+                 the hand-over failed, e.g. a full map).",
+                "relayed_by",
+                handed.into_iter(),
+            )?;
+            match sockmap.events() {
+                Ok(events) => {
+                    let events = lb_common::SkEvent::ALL
+                        .iter()
+                        .map(|e| (e.label(), events[*e as usize]));
+                    labelled_counter(
+                        &mut encoder,
+                        "lb_sockmap_events",
+                        "What the sockmap verdict program did with each skb (summed over CPUs): \
+                         redirect, redirect_bytes, passed (to the daemon), no_peer.",
+                        "event",
+                        events,
+                    )?;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the sockmap counters"),
+            }
+        }
         {
             let mut family = encoder.encode_descriptor(
                 "lb_dataplane",

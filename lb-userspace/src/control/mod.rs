@@ -167,7 +167,7 @@ pub struct Daemon {
     pub passed_over: Vec<(&'static str, String)>,
     services: std::sync::RwLock<Vec<(String, Arc<ArcSwap<Service>>)>>,
     running: Mutex<HashMap<String, Running>>,
-    shared: Arc<proxy::Shared>,
+    pub(super) shared: Arc<proxy::Shared>,
     tasks: TaskTracker,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,

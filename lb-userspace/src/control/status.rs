@@ -56,6 +56,9 @@ pub fn render(status: &Value) -> String {
         "dataplane: {}\n",
         status["dataplane"].as_str().unwrap_or("?")
     );
+    for (name, why) in status["passed_over"].as_object().into_iter().flatten() {
+        out.push_str(&format!("  not {name}: {}\n", why.as_str().unwrap_or("?")));
+    }
     for service in status["services"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "\nservice {}  listen {}  algorithm {}{}\n",

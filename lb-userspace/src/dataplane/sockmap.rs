@@ -36,7 +36,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray, SockHash},
     programs::{ProgramError, SkSkb},
 };
-use lb_common::{SK_PASSING, SkEvent, SockPeer, names};
+use lb_common::{SkEvent, SockPeer, names};
 use tokio::{io::Interest, net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -206,12 +206,6 @@ impl Sockmap {
         Ok(out)
     }
 
-    /// Entries in `SK_PEERS` (two per connection the kernel relays).
-    pub fn peer_entries(&self) -> usize {
-        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
-        peers.keys().count()
-    }
-
     /// The `SK_PEERS` entry of `cookie`.
     fn peer(&self, cookie: u64) -> Result<SockPeer, MapError> {
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
@@ -312,6 +306,8 @@ impl Sockmap {
             }
         };
         self.handed.fetch_add(1, Relaxed);
+        // Kernel byte counts already added to the backend's counters.
+        let mut seen = Seen::default();
         let outcome = self
             .watch(
                 Pair {
@@ -324,12 +320,12 @@ impl Sockmap {
                 },
                 pool,
                 &counters,
+                &mut seen,
                 idle_timeout,
                 force_close,
             )
             .await;
         // Final counts, then out of the maps before the sockets close.
-        let mut seen = Seen::default();
         seen.update(self, cc, cb, &counters);
         self.forget(cc, cb);
         outcome
@@ -340,6 +336,7 @@ impl Sockmap {
         pair: Pair<'_>,
         pool: &PipePool,
         counters: &Counters<'_>,
+        seen: &mut Seen,
         idle_timeout: Duration,
         force_close: &CancellationToken,
     ) -> Outcome {
@@ -371,7 +368,6 @@ impl Sockmap {
         let tick = (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut seen = Seen::default();
         let mut copied_seen = 0;
         loop {
             tokio::select! {
@@ -634,14 +630,6 @@ fn fail(peer: &TcpStream, outcome: Outcome, error: &io::Error) -> Outcome {
     tracing::debug!(?outcome, %error, "sockmap relay ended by a failure; resetting the other side");
     sys::reset_on_close(peer);
     outcome
-}
-
-/// Is `SK_PASSING` set on the entry of `cookie`? (Tests and the self-test.)
-#[cfg(test)]
-fn passing(sockmap: &Sockmap, cookie: u64) -> bool {
-    sockmap
-        .peer(cookie)
-        .is_ok_and(|p| p.flags & SK_PASSING != 0)
 }
 
 /// Pins `map` at `path`. A pin that appears between our removal and our pin is another
