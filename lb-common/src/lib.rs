@@ -46,11 +46,16 @@ pub mod names {
     pub const LB_META: &str = "LB_META";
     /// The XDP program.
     pub const XDP_PROG: &str = "xdp_lb";
-    /// Sockmap: SOCKHASH, socket cookie (`u64`) -> socket. Every socket of a connection the
-    /// kernel relays. bpftool shows cookies and socket ids, not fields (a kernel limit).
+    /// Sockmap: SOCKHASH, socket cookie (`u64`) -> socket: both sockets of every connection
+    /// the kernel relays (the verdict program is attached here). bpftool shows cookies and
+    /// socket ids.
     pub const SK_SOCKS: &str = "SK_SOCKS";
-    /// Sockmap: hash, socket cookie (`u64`) -> [`crate::SockPeer`]: where that socket's bytes go.
+    /// Sockmap: hash, socket cookie (`u64`) -> [`crate::SockPeer`]: where that socket's bytes
+    /// go, and how many went which way (written by the kernel).
     pub const SK_PEERS: &str = "SK_PEERS";
+    /// Sockmap: hash, socket cookie (`u64`) -> [`crate::SkCtrl`]: the daemon's hold on that
+    /// socket's direction (written by the daemon).
+    pub const SK_CTRL: &str = "SK_CTRL";
     /// Sockmap: per-CPU counters, key = [`crate::SkEvent`], value = `u64`.
     pub const SK_STATS: &str = "SK_STATS";
     /// The sockmap stream verdict program.
@@ -457,27 +462,32 @@ pub mod sip {
 }
 
 /// Value of [`names::SK_PEERS`]: one socket of a connection the kernel relays (keyed by its
-/// cookie), and where its bytes go.
+/// cookie), where its bytes go, and how many went which way. Written by the kernel only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockPeer {
     /// Cookie of the socket this one's bytes are redirected to (the other side).
     pub peer_cookie: u64,
-    /// Bytes the verdict program redirected to the peer (written by the kernel only).
+    /// Bytes the verdict program redirected to the peer.
     pub bytes: u64,
-    /// Bytes passed up to this socket for the daemon to relay (written by the kernel only).
+    /// Bytes passed up to this socket's own queue for the daemon to relay.
     pub passed_bytes: u64,
-    /// [`SK_PASSING`] once set; the daemon writes 0 when it inserts the entry.
-    pub flags: u32,
-    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<SockPeer>() == 32);
+const _: () = assert!(core::mem::size_of::<SockPeer>() == 24);
 
-/// [`SockPeer::flags`]: a redirect to the peer failed (the peer was not in
-/// [`names::SK_SOCKS`] yet, or no longer), so that byte went to this socket's own queue.
-/// Sticky: every later byte of this direction goes there too and the daemon relays it, so
-/// bytes never overtake each other.
-pub const SK_PASSING: u32 = 1;
+/// Value of [`names::SK_CTRL`]: what the daemon says about one socket's direction. Written by
+/// the daemon only, always whole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkCtrl {
+    /// Non-zero: pass every byte up instead of redirecting it (the peer lags behind).
+    pub hold: u32,
+    pub _pad: u32,
+    /// Bytes the daemon has relayed from this socket's own queue. The program redirects again
+    /// only once this has caught up with [`SockPeer::passed_bytes`].
+    pub user_bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<SkCtrl>() == 16);
 
 /// Key of [`names::SK_STATS`]: what the verdict program did with an skb.
 #[repr(u32)]
@@ -487,20 +497,30 @@ pub enum SkEvent {
     Redirect = 0,
     /// Redirected to the peer socket: bytes.
     RedirectBytes = 1,
-    /// Passed to the socket's own queue because the direction is passing (see [`SK_PASSING`]).
+    /// Passed up to the daemon (held, behind earlier passed bytes, or no target): skbs.
     Passed = 2,
-    /// A socket with no [`names::SK_PEERS`] entry: passed to its own queue.
-    NoPeer = 3,
+    /// Passed up to the daemon: bytes.
+    PassedBytes = 3,
+    /// The redirect failed: the peer is not (or no longer) in [`names::SK_SOCKS`].
+    NoTarget = 4,
+    /// A socket with no [`names::SK_PEERS`] entry: passed up.
+    NoPeer = 5,
+    /// An skb without data (a FIN alone): dropped; the daemon reads the EOF from TCP. (Queued
+    /// in the kernel, it would come out as 0 bytes sent and break the socket with EPIPE.)
+    Empty = 6,
 }
 
 impl SkEvent {
-    pub const ALL: [SkEvent; 4] = [
+    pub const ALL: [SkEvent; 7] = [
         SkEvent::Redirect,
         SkEvent::RedirectBytes,
         SkEvent::Passed,
+        SkEvent::PassedBytes,
+        SkEvent::NoTarget,
         SkEvent::NoPeer,
+        SkEvent::Empty,
     ];
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 7;
 
     /// The label used in metrics (`lb_sockmap_events_total{event=".."}`).
     pub const fn label(self) -> &'static str {
@@ -508,7 +528,10 @@ impl SkEvent {
             SkEvent::Redirect => "redirect",
             SkEvent::RedirectBytes => "redirect_bytes",
             SkEvent::Passed => "passed",
+            SkEvent::PassedBytes => "passed_bytes",
+            SkEvent::NoTarget => "no_target",
             SkEvent::NoPeer => "no_peer",
+            SkEvent::Empty => "empty",
         }
     }
 }
@@ -518,6 +541,7 @@ mod user {
     // SAFETY (all): #[repr(C)] structs of integers and byte arrays whose padding is explicit
     // (sizes asserted above), so every byte is initialised and any bit pattern is valid.
     unsafe impl aya::Pod for super::SockPeer {}
+    unsafe impl aya::Pod for super::SkCtrl {}
     unsafe impl aya::Pod for super::XdpCounter {}
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipInfo {}

@@ -149,6 +149,37 @@ pub fn tcp_bytes_queued(socket: &impl AsFd) -> io::Result<u64> {
     Ok(u64::from_ne_bytes(acked) + u64::try_from(outq).unwrap_or(0))
 }
 
+/// Data bytes `socket` has received (`tcpi_bytes_received`; a FIN is not counted).
+pub fn tcp_bytes_received(socket: &impl AsFd) -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    const TCP_INFO_LEN: usize = 136;
+    const BYTES_RECEIVED_AT: usize = 128;
+    let mut info = [0u8; TCP_INFO_LEN];
+    let mut len = TCP_INFO_LEN as libc::socklen_t;
+    // SAFETY: `info` is a writable buffer of `len` bytes that outlives the call, and `len`
+    // is a valid socklen_t the kernel updates with the size it wrote.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < TCP_INFO_LEN {
+        return Err(io::Error::other(
+            "kernel's tcp_info has no tcpi_bytes_received",
+        ));
+    }
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&info[BYTES_RECEIVED_AT..BYTES_RECEIVED_AT + 8]);
+    Ok(u64::from_ne_bytes(v))
+}
+
 /// The kernel's cookie of `socket` (SO_COOKIE): unique for the socket's lifetime.
 pub fn socket_cookie(socket: &impl AsFd) -> io::Result<u64> {
     socket2::SockRef::from(socket).cookie()

@@ -136,6 +136,16 @@ pub struct Lb {
     exited: Option<ExitStatus>,
 }
 
+/// How to launch `lb` beyond its arguments.
+#[derive(Clone, Debug, Default)]
+pub struct Launch<'a> {
+    /// A command that runs lb, e.g. `["setpriv", "--bounding-set=-bpf"]`; lb's path and
+    /// arguments follow it.
+    pub wrapper: &'a [&'a str],
+    /// Extra environment variables for lb.
+    pub env: &'a [(&'a str, &'a str)],
+}
+
 /// Why `lb` did not come up.
 #[derive(Debug)]
 pub struct StartError {
@@ -158,6 +168,15 @@ impl Lb {
 
     /// Like [`Lb::start`], with more arguments after `run --config FILE`, returning the failure.
     pub fn try_start(config_yaml: &str, extra_args: &[&str]) -> Result<Lb, StartError> {
+        Lb::try_start_with(config_yaml, extra_args, &Launch::default())
+    }
+
+    /// Like [`Lb::try_start`], launched as `launch` says (a wrapper command, environment).
+    pub fn try_start_with(
+        config_yaml: &str,
+        extra_args: &[&str],
+        launch: &Launch<'_>,
+    ) -> Result<Lb, StartError> {
         let listen = service_listen_addresses(config_yaml);
         let dir = TempDir::new();
         let config_path = dir.path.join("lb.yaml");
@@ -166,7 +185,18 @@ impl Lb {
         let config_arg = config_path.to_str().expect("utf-8 temp path").to_owned();
         let mut args = vec!["run", "--config", &config_arg];
         args.extend_from_slice(extra_args);
-        let child = command(&args)
+        let mut cmd = command(&args);
+        if let Some((program, wrapper_args)) = launch.wrapper.split_first() {
+            let mut wrapped = Command::new(program);
+            wrapped
+                .args(wrapper_args)
+                .arg(cmd.get_program())
+                .args(cmd.get_args());
+            wrapped.env("NO_COLOR", "1").stdin(Stdio::null());
+            cmd = wrapped;
+        }
+        cmd.envs(launch.env.iter().copied());
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(fs::File::create(&stderr_path).expect("create stderr file"))
             .spawn()

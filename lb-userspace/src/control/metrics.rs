@@ -233,6 +233,14 @@ impl Collector for LbCollector {
                 "relayed_by",
                 handed.into_iter(),
             )?;
+            labelled_counter(
+                &mut encoder,
+                "lb_sockmap_holds",
+                "Times a direction was held for back pressure (its peer fell 4 MiB behind; the \
+                 daemon relayed its bytes until the peer caught up).",
+                "dataplane",
+                std::iter::once(("sockmap", sockmap.holds.load(Relaxed))),
+            )?;
             match sockmap.events() {
                 Ok(events) => {
                     let events = lb_common::SkEvent::ALL
@@ -242,7 +250,8 @@ impl Collector for LbCollector {
                         &mut encoder,
                         "lb_sockmap_events",
                         "What the sockmap verdict program did with each skb (summed over CPUs): \
-                         redirect, redirect_bytes, passed (to the daemon), no_peer.",
+                         redirect, redirect_bytes, passed and passed_bytes (up to the daemon), no_target, \
+                         no_peer, empty (a FIN alone).",
                         "event",
                         events,
                     )?;

@@ -183,7 +183,7 @@ fn start_sockmap(config: &Config) -> Result<std::sync::Arc<sockmap::Sockmap>, St
         .map(|s| 2 * u64::from(s.max_connections.get()))
         .sum();
     let sockets = u32::try_from(sockets.clamp(4096, 1 << 22)).unwrap_or(1 << 22);
-    let loaded =
+    let mut loaded =
         sockmap::Sockmap::load(&config.dataplane.pin_path, sockets).map_err(|e| chain(&e))?;
     if std::env::var_os(FORCE_SELFTEST_FAILURE).is_some() {
         return Err(format!(
@@ -197,6 +197,7 @@ fn start_sockmap(config: &Config) -> Result<std::sync::Arc<sockmap::Sockmap>, St
     runtime
         .block_on(loaded.self_test())
         .map_err(|e| chain(&e))?;
+    loaded.reset_counters().map_err(|e| chain(&e))?;
     tracing::info!("sockmap self-test passed: exact bytes, half-close both ways, EOF");
     Ok(std::sync::Arc::new(loaded))
 }

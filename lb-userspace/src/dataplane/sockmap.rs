@@ -4,20 +4,25 @@
 //! touches those bytes; it only watches each socket for EOF and errors.
 //!
 //! Handing a pair over ([`Sockmap::relay`]):
-//! 1. both peer entries go into `SK_PEERS` (cookie -> peer cookie), then both sockets into
-//!    `SK_SOCKS`. A byte that arrives on the first socket before the second is in the map
-//!    cannot be redirected: the program passes it to the socket's own queue and marks the
-//!    direction passing (sticky), so every later byte of that direction takes the same path
-//!    and the daemon relays them in order (see `lb_common::SK_PASSING`). Nothing acknowledged
-//!    is ever dropped.
+//! 1. each socket's peer goes into `SK_PEERS` (cookie -> peer cookie, byte counts), then both
+//!    sockets into `SK_SOCKS`, where the program starts to see their bytes.
 //! 2. bytes that were queued before the insertion (a client that sends before the backend
-//!    connect completes) are run through the program by the first read on each socket.
-//! 3. EOF on one socket: once every byte it received has reached the other socket's send
-//!    queue (the kernel's redirect queue drains asynchronously; we compare the program's byte
-//!    count with the peer's `tcpi_bytes_acked` + SIOCOUTQ), the FIN is passed on with
-//!    `shutdown(SHUT_WR)`; the other direction keeps flowing.
-//! 4. a reset or error on one socket resets the other (SO_LINGER 0).
-//! 5. both directions done: both entries leave both maps and the sockets close.
+//!    connect completes) are run through the program at once (`sys::kick_receive_queue`).
+//! 3. order: a byte the program could not redirect (its peer was not in `SK_SOCKS` yet) is
+//!    passed up to the socket's own queue, and so is every later byte of that direction until
+//!    the daemon has relayed them all (it reports its count in `SK_CTRL`). The daemon relays
+//!    passed-up bytes only once every redirected byte before them has reached the peer.
+//! 4. back pressure: the kernel's redirect queue has no bound of its own (measured here:
+//!    4 GiB in 20 s toward a frozen backend). The daemon watches each direction's backlog
+//!    (bytes redirected that have not reached the peer's send queue); past 4 MiB it holds the
+//!    direction (`SK_CTRL.hold`): bytes are passed up, where they count against the socket's
+//!    receive buffer, so TCP's window closes on the sender, and the daemon relays them as
+//!    the peer takes them. Below 1 MiB it lets the kernel redirect again.
+//! 5. EOF on one socket: once every byte it received has reached the other socket's send
+//!    queue (the program's byte count against the peer's `tcpi_bytes_acked` + SIOCOUTQ), the
+//!    FIN is passed on with `shutdown(SHUT_WR)`; the other direction keeps flowing.
+//! 6. a reset or error on one socket resets the other (SO_LINGER 0).
+//! 7. both directions done: both entries leave every map and the sockets close.
 //!
 //! Never splice(2) a socket that is in `SK_SOCKS`: the relay here only reads and writes.
 
@@ -26,7 +31,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Mutex, RwLock,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -36,7 +41,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray, SockHash},
     programs::{ProgramError, SkSkb},
 };
-use lb_common::{SkEvent, SockPeer, names};
+use lb_common::{SkCtrl, SkEvent, SockPeer, names};
 use tokio::{io::Interest, net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -50,7 +55,12 @@ use crate::sys;
 static SOCKMAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-sockmap"));
 
 /// The maps this dataplane pins under `pin_path`.
-pub const MAP_NAMES: [&str; 3] = [names::SK_SOCKS, names::SK_PEERS, names::SK_STATS];
+pub const MAP_NAMES: [&str; 4] = [
+    names::SK_SOCKS,
+    names::SK_PEERS,
+    names::SK_CTRL,
+    names::SK_STATS,
+];
 
 /// Errors loading or using the sockmap dataplane.
 #[derive(Debug, thiserror::Error)]
@@ -103,12 +113,17 @@ pub enum SockmapError {
 pub struct Sockmap {
     socks: Mutex<SockHash<MapData, u64>>,
     peers: RwLock<BpfHashMap<MapData, u64, SockPeer>>,
+    ctrl: Mutex<BpfHashMap<MapData, u64, SkCtrl>>,
     stats: PerCpuArray<MapData, u64>,
     /// Connections handed to the kernel.
     pub handed: AtomicU64,
     /// Connections that could not be handed over (a map full, ...) and were relayed in
     /// userspace instead.
     pub kept: AtomicU64,
+    /// Back-pressure holds (a peer fell behind).
+    pub holds: AtomicU64,
+    /// `SK_STATS` after the self-test: the metrics count clients' traffic only.
+    baseline: [u64; SkEvent::COUNT as usize],
     /// Our pins and the ids of the maps they name: removed on drop if still ours.
     pinned: Vec<(PathBuf, Option<u32>)>,
     /// Owns the program and its attachment to `SK_SOCKS` (detached on drop).
@@ -149,6 +164,7 @@ impl Sockmap {
         remove_pins(pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::SK_SOCKS, max_sockets)
+            .map_max_entries(names::SK_CTRL, max_sockets)
             .map_max_entries(names::SK_PEERS, max_sockets)
             .load(SOCKMAP_OBJECT)
             .map_err(|e| SockmapError::Load(Box::new(e)))?;
@@ -162,6 +178,7 @@ impl Sockmap {
             pinned.push((path, map_id(map)));
         }
         let socks: SockHash<MapData, u64> = take(&mut ebpf, names::SK_SOCKS)?;
+        let ctrl: BpfHashMap<MapData, u64, SkCtrl> = take(&mut ebpf, names::SK_CTRL)?;
         let peers: BpfHashMap<MapData, u64, SockPeer> = take(&mut ebpf, names::SK_PEERS)?;
         let stats: PerCpuArray<MapData, u64> = take(&mut ebpf, names::SK_STATS)?;
         let program_err = |source| SockmapError::Program {
@@ -180,17 +197,38 @@ impl Sockmap {
         program.attach(socks.fd()).map_err(program_err)?;
         Ok(Sockmap {
             socks: Mutex::new(socks),
+            ctrl: Mutex::new(ctrl),
             peers: RwLock::new(peers),
             stats,
             handed: AtomicU64::new(0),
             kept: AtomicU64::new(0),
+            holds: AtomicU64::new(0),
+            baseline: [0; SkEvent::COUNT as usize],
             pinned,
             _ebpf: ebpf,
         })
     }
 
-    /// The per-CPU counters of the verdict program, summed, in [`SkEvent::ALL`] order.
+    /// The per-CPU counters of the verdict program, summed, in [`SkEvent::ALL`] order, since
+    /// the self-test.
     pub fn events(&self) -> Result<[u64; SkEvent::COUNT as usize], SockmapError> {
+        let mut out = self.raw_events()?;
+        for (v, base) in out.iter_mut().zip(self.baseline) {
+            *v = v.saturating_sub(base);
+        }
+        Ok(out)
+    }
+
+    /// Starts the counters from zero (after the self-test).
+    pub fn reset_counters(&mut self) -> Result<(), SockmapError> {
+        self.baseline = self.raw_events()?;
+        for c in [&self.handed, &self.kept, &self.holds] {
+            c.store(0, Relaxed);
+        }
+        Ok(())
+    }
+
+    fn raw_events(&self) -> Result<[u64; SkEvent::COUNT as usize], SockmapError> {
         let mut out = [0; SkEvent::COUNT as usize];
         for event in SkEvent::ALL {
             out[event as usize] = self
@@ -212,8 +250,8 @@ impl Sockmap {
         peers.get(&cookie, 0)
     }
 
-    /// Puts both sockets in the maps (peers first, see the module docs). On an error
-    /// nothing is left behind.
+    /// Puts both sockets in the maps: peers first, so the program finds every socket's
+    /// entry. On an error nothing is left behind.
     fn insert(&self, a: &TcpStream, b: &TcpStream) -> Result<(u64, u64), SockmapError> {
         use std::os::fd::AsRawFd as _;
         let ca = sys::socket_cookie(a).map_err(SockmapError::Socket)?;
@@ -223,53 +261,70 @@ impl Sockmap {
             ..SockPeer::default()
         };
         let map_err = |name| move |source| SockmapError::Map { name, source };
-        {
+        let inserted = {
             let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
             peers
                 .insert(ca, entry(cb), 0)
-                .map_err(map_err(names::SK_PEERS))?;
-            if let Err(e) = peers.insert(cb, entry(ca), 0) {
-                let _ = peers.remove(&ca);
-                return Err(map_err(names::SK_PEERS)(e));
-            }
+                .and_then(|()| peers.insert(cb, entry(ca), 0))
+                .map_err(map_err(names::SK_PEERS))
         }
-        let inserted = {
+        .and_then(|()| {
             let mut socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
-            socks.insert(ca, a.as_raw_fd(), 0).and_then(|()| {
-                socks.insert(cb, b.as_raw_fd(), 0).inspect_err(|_| {
-                    let _ = socks.remove(&ca);
-                })
-            })
-        };
-        if let Err(e) = inserted {
-            self.forget(ca, cb);
-            return Err(map_err(names::SK_SOCKS)(e));
-        }
+            socks
+                .insert(ca, a.as_raw_fd(), 0)
+                .and_then(|()| socks.insert(cb, b.as_raw_fd(), 0))
+                .map_err(map_err(names::SK_SOCKS))
+        })
         // Bytes that arrived before the insertion wait in the receive queues: run them
         // through the program now (a read would too, but see `kick_receive_queue`).
-        if let Err(e) = sys::kick_receive_queue(a).and_then(|()| sys::kick_receive_queue(b)) {
+        .and_then(|()| {
+            sys::kick_receive_queue(a)
+                .and_then(|()| sys::kick_receive_queue(b))
+                .map_err(SockmapError::Socket)
+        });
+        if let Err(e) = inserted {
             self.forget(ca, cb);
-            return Err(SockmapError::Socket(e));
+            return Err(e);
         }
         Ok((ca, cb))
     }
 
-    /// Takes both sockets out of both maps.
+    /// Takes both sockets out of every map.
     fn forget(&self, ca: u64, cb: u64) {
         {
+            // Absent already where the kernel unhashed a socket as it closed.
             let mut socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
-            // Absent already if the kernel unhashed a socket as it closed.
             let _ = socks.remove(&ca);
             let _ = socks.remove(&cb);
+        }
+        {
+            let mut ctrl = self.ctrl.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = ctrl.remove(&ca);
+            let _ = ctrl.remove(&cb);
         }
         let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
         let _ = peers.remove(&ca);
         let _ = peers.remove(&cb);
     }
 
+    /// Tells the program about `dir`: held or not, and the bytes the daemon has relayed.
+    fn set_ctrl(&self, dir: &Dir<'_>) -> Result<(), SockmapError> {
+        let value = SkCtrl {
+            hold: u32::from(dir.held.load(Relaxed)),
+            _pad: 0,
+            user_bytes: dir.copied.load(Relaxed),
+        };
+        let mut ctrl = self.ctrl.lock().unwrap_or_else(|e| e.into_inner());
+        ctrl.insert(dir.src_cookie, value, 0)
+            .map_err(|source| SockmapError::Map {
+                name: names::SK_CTRL,
+                source,
+            })
+    }
+
     /// Hands `client` and `backend` to the kernel and watches them until both directions
-    /// end, a side fails, the connection idles out, or `force_close` fires. `header` bytes
-    /// (the PROXY header) were written to the backend before. When the pair cannot be
+    /// end, a side fails, the connection idles out, or `force_close` fires. Bytes already
+    /// written to the backend (the PROXY header) are accounted for. When the pair cannot be
     /// handed over it is relayed in userspace ([`relay::relay`]), counted in `kept`.
     pub async fn relay(
         &self,
@@ -306,89 +361,145 @@ impl Sockmap {
             }
         };
         self.handed.fetch_add(1, Relaxed);
-        // Kernel byte counts already added to the backend's counters.
-        let mut seen = Seen::default();
+        let up = Dir::new(&client, &backend, cc, backend_base, counters.to_backend);
+        let down = Dir::new(&backend, &client, cb, client_base, counters.to_client);
         let outcome = self
-            .watch(
-                Pair {
-                    client: &client,
-                    backend: &backend,
-                    cc,
-                    cb,
-                    backend_base,
-                    client_base,
-                },
-                pool,
-                &counters,
-                &mut seen,
-                idle_timeout,
-                force_close,
-            )
+            .watch(&up, &down, pool, idle_timeout, force_close)
             .await;
         // Final counts, then out of the maps before the sockets close.
-        seen.update(self, cc, cb, &counters);
+        for dir in [&up, &down] {
+            let _ = self.account(dir);
+        }
         self.forget(cc, cb);
         outcome
     }
 
+    /// Adds what the kernel redirected for `dir` since the last call to the backend's
+    /// counters; returns the kernel's total and the delta.
+    fn account(&self, dir: &Dir<'_>) -> Result<(u64, u64), MapError> {
+        let total = self.peer(dir.src_cookie)?.bytes;
+        let delta = total.saturating_sub(dir.counted.swap(total, Relaxed));
+        dir.bytes.fetch_add(delta, Relaxed);
+        Ok((total, delta))
+    }
+
+    /// Bytes relayed for `dir` (by the kernel, whose total is `kernel`, or the daemon) that
+    /// have not reached the send queue of `dir.dst` yet: the kernel's redirect queue.
+    fn backlog(&self, dir: &Dir<'_>, kernel: u64) -> io::Result<u64> {
+        let queued = sys::tcp_bytes_queued(dir.dst)?.saturating_sub(dir.dst_base);
+        Ok((kernel + dir.copied.load(Relaxed)).saturating_sub(queued))
+    }
+
+    /// After a FIN on `dir.src`: has every byte before it been through the program, and
+    /// has the daemon read every byte the program passed up? If not, runs the program over
+    /// what waits and gives the kernel a moment (a few ms), then answers `false`. After 2 s
+    /// of `false` (`since` keeps the time) it warns and answers `true`: a FIN is not held
+    /// forever on a count that does not add up.
+    async fn all_seen(&self, dir: &Dir<'_>, since: &mut Option<Instant>) -> Result<bool, DirError> {
+        let source = |e: io::Error| DirError::Source(e);
+        let since = *since.get_or_insert_with(Instant::now);
+        if since.elapsed() > Duration::from_secs(2) {
+            tracing::warn!(
+                "sockmap: the byte counts at EOF do not add up after 2 s; passing the FIN on"
+            );
+            return Ok(true);
+        }
+        for attempt in 0..8u32 {
+            let peer = self
+                .peer(dir.src_cookie)
+                .map_err(|e| source(io::Error::other(e)))?;
+            // A FIN counts as one byte in `tcpi_bytes_received`.
+            let received = sys::tcp_bytes_received(dir.src)
+                .map_err(source)?
+                .saturating_sub(1);
+            let seen = peer.bytes + peer.passed_bytes >= received;
+            if seen && peer.passed_bytes <= dir.copied.load(Relaxed) {
+                return Ok(true);
+            }
+            if seen {
+                // Passed-up bytes to read first: the caller's read loop takes them.
+                return Ok(false);
+            }
+            sys::kick_receive_queue(dir.src).map_err(source)?;
+            tokio::time::sleep(Duration::from_micros(100) * 2u32.pow(attempt)).await;
+        }
+        Ok(false)
+    }
+
+    /// Waits until every byte the kernel redirected for `dir` has reached `dir.dst`'s send
+    /// queue: before the daemon writes bytes of its own there, and before a FIN.
+    async fn drained(&self, dir: &Dir<'_>) -> Result<(), DirError> {
+        let mut wait = Duration::from_micros(100);
+        loop {
+            let kernel = self
+                .peer(dir.src_cookie)
+                .map(|p| p.bytes)
+                .map_err(|e| DirError::Source(io::Error::other(e)))?;
+            if self.backlog(dir, kernel).map_err(DirError::Dest)? == 0 {
+                return Ok(());
+            }
+            if let Some(e) = dir.dst.take_error().map_err(DirError::Dest)? {
+                return Err(DirError::Dest(e));
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(20));
+        }
+    }
+
     async fn watch(
         &self,
-        pair: Pair<'_>,
+        up: &Dir<'_>,
+        down: &Dir<'_>,
         pool: &PipePool,
-        counters: &Counters<'_>,
-        seen: &mut Seen,
         idle_timeout: Duration,
         force_close: &CancellationToken,
     ) -> Outcome {
-        let start = Instant::now();
-        let mut last_activity = start;
-        let copied_up = AtomicU64::new(0);
-        let copied_down = AtomicU64::new(0);
-        let up = self.direction(
-            pair.client,
-            pair.backend,
-            pair.cc,
-            pair.backend_base,
-            pool,
-            &copied_up,
-            counters.to_backend,
-        );
-        let down = self.direction(
-            pair.backend,
-            pair.client,
-            pair.cb,
-            pair.client_base,
-            pool,
-            &copied_down,
-            counters.to_client,
-        );
-        tokio::pin!(up, down);
+        let up_run = self.direction(up, pool);
+        let down_run = self.direction(down, pool);
+        tokio::pin!(up_run, down_run);
         let (mut up_done, mut down_done) = (false, false);
-        // The kernel's byte counts are read this often: for the metrics and the idle timer.
-        let tick = (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        let mut ticker = tokio::time::interval(tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The kernel's counts are read every `tick`: for back pressure, the metrics and the
+        // idle timer. Fast while bytes flow or a direction is held, slower when quiet.
+        let slowest = (idle_timeout / 4).clamp(TICK_FAST, Duration::from_secs(1));
+        let mut tick = TICK_FAST;
+        let timer = tokio::time::sleep(tick);
+        tokio::pin!(timer);
+        let mut last_activity = Instant::now();
         let mut copied_seen = 0;
         loop {
             tokio::select! {
-                r = &mut up, if !up_done => match { tracing::trace!(result = ?r, "client to backend ended"); r } {
+                r = &mut up_run, if !up_done => match r {
                     Ok(()) => up_done = true,
-                    Err(DirError::Source(e)) => return fail(pair.backend, Outcome::ClientFailed, &e),
-                    Err(DirError::Dest(e)) => return fail(pair.client, Outcome::BackendFailed, &e),
+                    Err(DirError::Source(e)) => return fail(up.dst, Outcome::ClientFailed, &e),
+                    Err(DirError::Dest(e)) => return fail(up.src, Outcome::BackendFailed, &e),
                 },
-                r = &mut down, if !down_done => match { tracing::trace!(result = ?r, "backend to client ended"); r } {
+                r = &mut down_run, if !down_done => match r {
                     Ok(()) => down_done = true,
-                    Err(DirError::Source(e)) => return fail(pair.client, Outcome::BackendFailed, &e),
-                    Err(DirError::Dest(e)) => return fail(pair.backend, Outcome::ClientFailed, &e),
+                    Err(DirError::Source(e)) => return fail(down.dst, Outcome::BackendFailed, &e),
+                    Err(DirError::Dest(e)) => return fail(down.src, Outcome::ClientFailed, &e),
                 },
-                _ = ticker.tick() => {
-                    let copied = copied_up.load(Relaxed) + copied_down.load(Relaxed);
-                    if seen.update(self, pair.cc, pair.cb, counters) || copied != copied_seen {
+                () = &mut timer => {
+                    let mut moved = 0;
+                    let mut held = false;
+                    for (dir, done) in [(up, up_done), (down, down_done)] {
+                        let Ok((kernel, delta)) = self.account(dir) else { continue };
+                        moved += delta;
+                        if !done {
+                            if let Err(e) = self.pressure(dir, kernel) {
+                                tracing::warn!(error = %crate::dataplane::chain(&e), "sockmap back pressure");
+                            }
+                            held |= dir.held.load(Relaxed);
+                        }
+                    }
+                    let copied = up.copied.load(Relaxed) + down.copied.load(Relaxed);
+                    if moved > 0 || copied != copied_seen {
                         copied_seen = copied;
                         last_activity = Instant::now();
                     } else if last_activity.elapsed() >= idle_timeout {
                         return Outcome::IdleTimeout;
                     }
+                    tick = if held || moved >= BUSY_BYTES { TICK_FAST } else { (tick * 2).min(slowest) };
+                    timer.as_mut().reset(Instant::now() + tick);
                 }
                 () = force_close.cancelled() => return Outcome::Shutdown,
             }
@@ -398,63 +509,117 @@ impl Sockmap {
         }
     }
 
-    /// One direction, `src` to `dst`: bytes the kernel passed up to `src` (see the module
-    /// docs) are copied on; at EOF the FIN is passed on once every byte has reached `dst`.
-    #[expect(clippy::too_many_arguments, reason = "one direction's whole context")]
-    async fn direction(
-        &self,
-        src: &TcpStream,
-        dst: &TcpStream,
-        src_cookie: u64,
-        dst_base: u64,
-        pool: &PipePool,
-        copied: &AtomicU64,
-        bytes: &AtomicU64,
-    ) -> Result<(), DirError> {
+    /// Holds `dir` when its peer has fallen [`BACKLOG_HIGH`] behind, lets it go below
+    /// [`BACKLOG_LOW`]: the kernel's redirect queue has no bound of its own.
+    fn pressure(&self, dir: &Dir<'_>, kernel: u64) -> Result<(), SockmapError> {
+        let backlog = self.backlog(dir, kernel).map_err(SockmapError::Socket)?;
+        let held = dir.held.load(Relaxed);
+        if !held && backlog > BACKLOG_HIGH {
+            tracing::debug!(backlog, "peer lags behind: holding the direction");
+            dir.held.store(true, Relaxed);
+            self.holds.fetch_add(1, Relaxed);
+            self.set_ctrl(dir)?;
+        } else if held && backlog <= BACKLOG_LOW {
+            tracing::debug!(backlog, "peer caught up: the kernel redirects again");
+            dir.held.store(false, Relaxed);
+            self.set_ctrl(dir)?;
+        }
+        Ok(())
+    }
+
+    /// One direction, `src` to `dst`: bytes the kernel passed up to `src` are relayed here,
+    /// each batch once every redirected byte before it has reached `dst`; at EOF the FIN is
+    /// passed on the same way.
+    async fn direction(&self, dir: &Dir<'_>, pool: &PipePool) -> Result<(), DirError> {
+        let mut eof_since = None;
         loop {
-            let ready = src
+            let ready = dir
+                .src
                 .ready(Interest::READABLE)
                 .await
                 .map_err(DirError::Source)?;
-            match relay::copy_step(src, dst, ready, pool).await? {
+
+            // A wake-up means a FIN, an error, bytes passed up, or bytes the program has not
+            // seen yet. Those must go through the program before any read: a read that finds
+            // them runs the program itself and then rewinds `copied_seq` over what it
+            // redirected (see `sys::kick_receive_queue`).
+            sys::kick_receive_queue(dir.src).map_err(DirError::Source)?;
+            // Passed-up bytes go after everything redirected before them.
+            self.drained(dir).await?;
+            match relay::copy_step(dir.src, dir.dst, ready, pool).await? {
                 None => {}
-                Some(0) => break,
+                // A FIN is TCP state, set when it arrives: bytes before it may still be on
+                // their way through the program, or passed up and not yet readable.
+                Some(0) if self.all_seen(dir, &mut eof_since).await? => break,
+                Some(0) => {}
                 Some(n) => {
-                    tracing::trace!(n, "copied bytes the kernel passed up");
-                    copied.fetch_add(n as u64, Relaxed);
-                    bytes.fetch_add(n as u64, Relaxed);
+                    dir.copied.fetch_add(n as u64, Relaxed);
+                    dir.bytes.fetch_add(n as u64, Relaxed);
+                    // Written to `dst`: the program may redirect again once it has seen this.
+                    self.set_ctrl(dir)
+                        .map_err(|e| DirError::Source(io::Error::other(e)))?;
                 }
             }
         }
         // EOF: wait until `dst`'s send queue holds everything `src` received.
-        let mut wait = Duration::from_micros(200);
-        loop {
-            let redirected = self
-                .peer(src_cookie)
-                .map(|p| p.bytes)
-                .map_err(|e| DirError::Source(io::Error::other(e)))?;
-            let want = redirected + copied.load(Relaxed);
-            let queued = sys::tcp_bytes_queued(dst).map_err(DirError::Dest)?;
-            tracing::trace!(
-                redirected,
-                copied = copied.load(Relaxed),
-                queued,
-                dst_base,
-                "EOF: waiting for the kernel to pass every byte on"
-            );
-            if queued.saturating_sub(dst_base) >= want {
-                break;
-            }
-            if let Some(e) = dst.take_error().map_err(DirError::Dest)? {
-                return Err(DirError::Dest(e));
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_millis(20));
-        }
-        socket2::SockRef::from(dst)
+        self.drained(dir).await?;
+        socket2::SockRef::from(dir.dst)
             .shutdown(std::net::Shutdown::Write)
             .map_err(DirError::Dest)
     }
+}
+
+/// Back pressure: a direction whose bytes wait in the kernel's redirect queue beyond this is
+/// held (about one socket buffer), and let go at [`BACKLOG_LOW`].
+const BACKLOG_HIGH: u64 = 4 << 20;
+const BACKLOG_LOW: u64 = 1 << 20;
+/// The watch interval while bytes flow (or a direction is held): how late a hold can be.
+const TICK_FAST: Duration = Duration::from_millis(5);
+/// Bytes per tick above which a connection counts as busy.
+const BUSY_BYTES: u64 = 256 << 10;
+
+/// One direction of a connection the kernel relays: `src`'s bytes go to `dst`.
+struct Dir<'a> {
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    src_cookie: u64,
+    /// [`sys::tcp_bytes_queued`] of `dst` before the hand-over.
+    dst_base: u64,
+    /// Bytes the daemon relayed itself (the kernel passed them up).
+    copied: AtomicU64,
+    /// Kernel bytes already added to `bytes`.
+    counted: AtomicU64,
+    /// The backend's counter for this direction.
+    bytes: &'a AtomicU64,
+    /// Held for back pressure: the program passes every byte up.
+    held: AtomicBool,
+}
+
+impl<'a> Dir<'a> {
+    fn new(
+        src: &'a TcpStream,
+        dst: &'a TcpStream,
+        src_cookie: u64,
+        dst_base: u64,
+        bytes: &'a AtomicU64,
+    ) -> Dir<'a> {
+        Dir {
+            src,
+            dst,
+            src_cookie,
+            dst_base,
+            copied: AtomicU64::new(0),
+            counted: AtomicU64::new(0),
+            bytes,
+            held: AtomicBool::new(false),
+        }
+    }
+}
+
+fn fail(peer: &TcpStream, outcome: Outcome, error: &io::Error) -> Outcome {
+    tracing::debug!(?outcome, %error, "sockmap relay ended by a failure; resetting the other side");
+    sys::reset_on_close(peer);
+    outcome
 }
 
 impl Sockmap {
@@ -583,53 +748,6 @@ impl Sockmap {
         }
         Ok(())
     }
-}
-
-/// A connection handed to the kernel.
-struct Pair<'a> {
-    client: &'a TcpStream,
-    backend: &'a TcpStream,
-    /// Socket cookies.
-    cc: u64,
-    cb: u64,
-    /// [`sys::tcp_bytes_queued`] of each socket before the hand-over.
-    backend_base: u64,
-    client_base: u64,
-}
-
-/// Kernel byte counts already added to the backend's counters.
-#[derive(Default)]
-struct Seen {
-    up: u64,
-    down: u64,
-}
-
-impl Seen {
-    /// Adds what the kernel redirected since the last call; true if anything moved.
-    fn update(&mut self, sockmap: &Sockmap, cc: u64, cb: u64, counters: &Counters<'_>) -> bool {
-        let mut moved = false;
-        if let Ok(p) = sockmap.peer(cc)
-            && p.bytes > self.up
-        {
-            counters.to_backend.fetch_add(p.bytes - self.up, Relaxed);
-            self.up = p.bytes;
-            moved = true;
-        }
-        if let Ok(p) = sockmap.peer(cb)
-            && p.bytes > self.down
-        {
-            counters.to_client.fetch_add(p.bytes - self.down, Relaxed);
-            self.down = p.bytes;
-            moved = true;
-        }
-        moved
-    }
-}
-
-fn fail(peer: &TcpStream, outcome: Outcome, error: &io::Error) -> Outcome {
-    tracing::debug!(?outcome, %error, "sockmap relay ended by a failure; resetting the other side");
-    sys::reset_on_close(peer);
-    outcome
 }
 
 /// Pins `map` at `path`. A pin that appears between our removal and our pin is another

@@ -1,0 +1,440 @@
+//! The sockmap dataplane's own cases, beyond the shared end-to-end suite (which runs on
+//! sockmap too): bytes sent before the hand-over, a backend that closes at once, a frozen
+//! backend, what the maps show, and the fallbacks (a failing self-test, no capabilities).
+//! All need root (BPF); outside root they skip, under `CI=true` that fails.
+
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    admin::{AdminLb, render},
+    backend::Backend,
+    lb::{Launch, Lb, LbConfig, ServiceSpec, free_addr},
+    privileged,
+    stream::{StreamHasher, connect, echo_round_trip, read_to_eof, wait_until},
+};
+use serde_yaml::Value;
+
+/// A pin directory of its own on bpffs (tests run in parallel), removed on drop.
+struct PinDir(PathBuf);
+
+impl PinDir {
+    fn new() -> PinDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/lb-tests-{}-{n}",
+            std::process::id()
+        )))
+    }
+
+    /// A config edit that points `dataplane.pin_path` here.
+    fn edit(&self) -> impl Fn(&mut Value) + '_ {
+        move |doc| {
+            doc["dataplane"]["pin_path"] = Value::from(self.0.to_str().expect("utf-8"));
+        }
+    }
+
+    /// `bpftool -j map dump pinned <dir>/<map>`, parsed.
+    fn dump(&self, map: &str) -> Vec<serde_json::Value> {
+        let path = self.0.join(map);
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&path)
+            .output()
+            .expect("run bpftool");
+        assert!(
+            out.status.success(),
+            "bpftool map dump pinned {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "bpftool output is not a JSON list ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sockmap_lb(backends: &[SocketAddr], pins: &PinDir) -> AdminLb {
+    let config = LbConfig::new("sockmap", vec![ServiceSpec::new("sm", backends)]);
+    AdminLb::start(&config, pins.edit())
+}
+
+/// Sockets of process `pid` in CLOSE_WAIT (`ss`), which a relay that forgot a side leaves.
+fn close_wait_sockets(pid: u32) -> usize {
+    let out = Command::new("ss")
+        .args(["-tanpH", "state", "close-wait"])
+        .output()
+        .expect("run ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .count()
+}
+
+#[test]
+fn bytes_sent_before_the_hand_over_arrive_and_nothing_is_left_behind() {
+    if !privileged("bytes_sent_before_the_hand_over_arrive_and_nothing_is_left_behind") {
+        return;
+    }
+    let backend = Backend::echo();
+    let pins = PinDir::new();
+    let lb = sockmap_lb(&[backend.addr()], &pins);
+    let (fds, sockets) = lb.settled_fd_counts();
+    let mut sent = 0u64;
+    for i in 0..300u32 {
+        // The request leaves with the SYN's ACK: it is queued on lb's socket before lb has
+        // connected the backend, so it is handed to the kernel with the socket.
+        let msg = format!("request {i} sent before the backend connect completes\n");
+        let mut client = connect(lb.addr());
+        echo_round_trip(&mut client, msg.as_bytes())
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        sent += msg.len() as u64;
+        client.shutdown(Shutdown::Write).unwrap();
+        let rest = read_to_eof(&mut client, 1024).unwrap();
+        assert!(rest.is_empty(), "connection {i}: unexpected bytes {rest:?}");
+    }
+    let metrics = lb.metrics();
+    assert_eq!(
+        metrics.get("lb_sockmap_connections_total", &[("relayed_by", "kernel")]),
+        300,
+        "every connection is handed to the kernel"
+    );
+    let redirected = metrics.get("lb_sockmap_events_total", &[("event", "redirect_bytes")]);
+    assert_eq!(
+        redirected,
+        2 * sent,
+        "the kernel, not the daemon, moved every byte both ways"
+    );
+    // Nothing left: no map entry, no fd, no socket, no CLOSE_WAIT.
+    assert!(
+        wait_until(Duration::from_secs(5), || pins.dump("SK_PEERS").is_empty()),
+        "SK_PEERS still holds entries: {:?}",
+        pins.dump("SK_PEERS")
+    );
+    assert!(
+        pins.dump("SK_SOCKS").is_empty(),
+        "SK_SOCKS still holds sockets"
+    );
+    assert_eq!(
+        lb.settled_fd_counts(),
+        (fds, sockets),
+        "lb's fds and sockets are back where they were: {:?}",
+        lb.fds()
+    );
+    assert_eq!(
+        close_wait_sockets(lb.pid()),
+        0,
+        "lb left sockets in CLOSE_WAIT"
+    );
+}
+
+#[test]
+fn bpftool_shows_each_open_connection_as_two_named_peer_entries() {
+    if !privileged("bpftool_shows_each_open_connection_as_two_named_peer_entries") {
+        return;
+    }
+    let backend = Backend::echo();
+    let pins = PinDir::new();
+    let lb = sockmap_lb(&[backend.addr()], &pins);
+    let mut client = connect(lb.addr());
+    echo_round_trip(&mut client, b"0123456789").unwrap();
+    let entries = pins.dump("SK_PEERS");
+    assert_eq!(entries.len(), 2, "one entry per socket: {entries:?}");
+    let cookie = |e: &serde_json::Value| {
+        e["formatted"]["key"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("the key is a u64 cookie: {e}"))
+    };
+    let field = |e: &serde_json::Value, f: &str| {
+        e["formatted"]["value"][f]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no named field {f:?} in {e}"))
+    };
+    let (a, b) = (&entries[0], &entries[1]);
+    assert_eq!(field(a, "peer_cookie"), cookie(b), "{entries:?}");
+    assert_eq!(field(b, "peer_cookie"), cookie(a), "{entries:?}");
+    // 10 bytes each way, all redirected by the kernel.
+    assert_eq!(field(a, "bytes"), 10, "{entries:?}");
+    assert_eq!(field(b, "bytes"), 10, "{entries:?}");
+    assert_eq!(field(a, "passed_bytes") + field(b, "passed_bytes"), 0);
+    assert_eq!(pins.dump("SK_SOCKS").len(), 2, "both sockets in SK_SOCKS");
+    drop(client);
+    assert!(
+        wait_until(Duration::from_secs(5), || pins.dump("SK_PEERS").is_empty()),
+        "the entries leave when the connection ends"
+    );
+}
+
+#[test]
+fn a_backend_that_closes_at_once_ends_the_client_and_leaks_nothing() {
+    if !privileged("a_backend_that_closes_at_once_ends_the_client_and_leaks_nothing") {
+        return;
+    }
+    let backend = Backend::spawn(drop);
+    let pins = PinDir::new();
+    let lb = sockmap_lb(&[backend.addr()], &pins);
+    let (fds, sockets) = lb.settled_fd_counts();
+    for i in 0..50 {
+        let mut client = connect(lb.addr());
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let _ = client.write_all(b"hello?");
+        let mut buf = [0u8; 64];
+        let started = Instant::now();
+        match client.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("connection {i}: {n} bytes from a backend that sent none"),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            Err(e) => panic!(
+                "connection {i}: no EOF or reset within 2 s ({e}, after {:?})",
+                started.elapsed()
+            ),
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || pins.dump("SK_PEERS").is_empty()),
+        "SK_PEERS still holds entries"
+    );
+    assert_eq!(lb.settled_fd_counts(), (fds, sockets), "{:?}", lb.fds());
+    assert_eq!(close_wait_sockets(lb.pid()), 0);
+}
+
+/// A backend in its own process (so it can be frozen with SIGSTOP): reads its connection to
+/// EOF, then answers with the length and sha256 of what it read.
+const DIGEST_BACKEND: &str = r#"
+import hashlib, socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(8)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+h, n = hashlib.sha256(), 0
+while True:
+    b = c.recv(1 << 20)
+    if not b:
+        break
+    h.update(b)
+    n += len(b)
+c.sendall(f"{n} {h.hexdigest()}".encode())
+c.close()
+"#;
+
+#[test]
+fn a_frozen_backend_bounds_what_the_kernel_holds_and_the_stream_completes_after_sigcont() {
+    if !privileged(
+        "a_frozen_backend_bounds_what_the_kernel_holds_and_the_stream_completes_after_sigcont",
+    ) {
+        return;
+    }
+    let mut backend: Child = Command::new("python3")
+        .args(["-c", DIGEST_BACKEND])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(backend.stdout.take().unwrap()),
+        &mut port,
+    )
+    .unwrap();
+    let backend_addr = SocketAddr::from(([127, 0, 0, 1], port.trim().parse::<u16>().unwrap()));
+    let pins = PinDir::new();
+    let lb = sockmap_lb(&[backend_addr], &pins);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(backend.id()).unwrap());
+
+    let mut client = connect(lb.addr());
+    client.set_nonblocking(true).unwrap();
+    let chunk: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut hasher = StreamHasher::new();
+    let mut sent = 0u64;
+    let mut send_some = |client: &mut TcpStream, until: Instant| -> u64 {
+        // Writes until the kernel stops taking bytes for 500 ms, or `until`.
+        let mut last_progress = Instant::now();
+        while Instant::now() < until && last_progress.elapsed() < Duration::from_millis(500) {
+            let off = (sent % chunk.len() as u64) as usize;
+            match client.write(&chunk[off..]) {
+                Ok(n) => {
+                    hasher.update(&chunk[off..off + n]);
+                    sent += n as u64;
+                    last_progress = Instant::now();
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("client write: {e}"),
+            }
+        }
+        sent
+    };
+    // Flowing first, then frozen.
+    send_some(&mut client, Instant::now() + Duration::from_millis(300));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let before_freeze = send_some(&mut client, Instant::now());
+    let stalled_at = send_some(&mut client, Instant::now() + Duration::from_secs(20));
+    let held = stalled_at - before_freeze;
+    eprintln!(
+        "with the backend frozen the path took {:.1} MiB more, then stalled",
+        held as f64 / f64::from(1 << 20)
+    );
+    // The socket buffers along the path (client send, lb receive and send, backend receive)
+    // are the bound; the kernel's redirect queue must not grow without one.
+    assert!(
+        held < 64 << 20,
+        "while the backend was frozen the path took {} MiB more: not bounded",
+        held >> 20
+    );
+    // Still stalled a second later: bounded, not merely slow.
+    std::thread::sleep(Duration::from_secs(1));
+    let more = send_some(&mut client, Instant::now() + Duration::from_millis(600)) - stalled_at;
+    assert!(
+        more < 1 << 20,
+        "{more} more bytes went in with the backend frozen"
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let total = send_some(&mut client, Instant::now() + Duration::from_millis(500));
+    client.set_nonblocking(false).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut answer = String::new();
+    client
+        .read_to_string(&mut answer)
+        .expect("the backend's answer");
+    let want = format!("{total} {}", hasher.finish());
+    assert_eq!(
+        answer, want,
+        "the backend read exactly what the client sent (length and sha256)"
+    );
+    let _ = backend.kill();
+    let _ = backend.wait();
+}
+
+#[test]
+fn a_failing_self_test_makes_auto_fall_back_and_explicit_sockmap_refuse() {
+    if !privileged("a_failing_self_test_makes_auto_fall_back_and_explicit_sockmap_refuse") {
+        return;
+    }
+    let backend = Backend::echo();
+    let pins = PinDir::new();
+    let launch = Launch {
+        env: &[("LB_SOCKMAP_SELFTEST_FAIL", "1")],
+        ..Launch::default()
+    };
+    // auto: serves through proxy and says why.
+    let config = LbConfig::new("auto", vec![ServiceSpec::new("sm", &[backend.addr()])]);
+    let config = lb_tests::admin::with_listen_addresses(&config);
+    let admin = free_addr();
+    let yaml = render(&config, Some(admin), &pins.edit());
+    let lb = Lb::try_start_with(&yaml, &[], &launch).expect("auto starts");
+    let lb = AdminLb { lb, admin, config };
+    lb.wait_for_admin(Duration::from_secs(10));
+    let status = lb.status();
+    assert_eq!(status.0["dataplane"], "proxy", "{}", status.0);
+    let why = status.0["passed_over"]["sockmap"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("self-test failed"), "{}", status.0);
+    assert!(
+        lb.stderr().contains("self-test failed"),
+        "the log says why: {}",
+        lb.stderr()
+    );
+    let mut client = connect(lb.addr());
+    echo_round_trip(&mut client, b"still served").unwrap();
+    drop(lb);
+
+    // Explicit sockmap: a clear error, a non-zero exit.
+    let config = LbConfig::new("sockmap", vec![ServiceSpec::new("sm", &[backend.addr()])]);
+    let config = lb_tests::admin::with_listen_addresses(&config);
+    let yaml = render(&config, None, &pins.edit());
+    let err = match Lb::try_start_with(&yaml, &[], &launch) {
+        Ok(_) => panic!("mode sockmap served although its self-test failed"),
+        Err(e) => e,
+    };
+    assert!(err.status.is_some_and(|s| !s.success()), "{:?}", err.status);
+    assert!(
+        err.stderr.contains("sockmap") && err.stderr.contains("self-test failed"),
+        "{}",
+        err.stderr
+    );
+}
+
+#[test]
+fn without_bpf_capabilities_auto_serves_through_proxy_and_logs_one_line_why() {
+    if !privileged("without_bpf_capabilities_auto_serves_through_proxy_and_logs_one_line_why") {
+        return;
+    }
+    let backend = Backend::echo();
+    let pins = PinDir::new();
+    let config = LbConfig::new("auto", vec![ServiceSpec::new("sm", &[backend.addr()])]);
+    let config = lb_tests::admin::with_listen_addresses(&config);
+    let admin = free_addr();
+    let yaml = render(&config, Some(admin), &pins.edit());
+    // As in a container: root, but without CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN (and
+    // CAP_PERFMON), which lb cannot regain.
+    let launch = Launch {
+        wrapper: &[
+            "setpriv",
+            "--inh-caps=-all",
+            "--bounding-set=-bpf,-sys_admin,-net_admin,-perfmon",
+            "--",
+        ],
+        ..Launch::default()
+    };
+    let lb = Lb::try_start_with(&yaml, &[], &launch).expect("lb starts without capabilities");
+    let lb = AdminLb { lb, admin, config };
+    lb.wait_for_admin(Duration::from_secs(10));
+    let status = lb.status();
+    assert_eq!(status.0["dataplane"], "proxy", "{}", status.0);
+    let lines: Vec<String> = lb
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("not used") && l.contains("sockmap"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 1, "one line says why not sockmap: {lines:?}");
+    assert!(
+        lines[0].contains("CAP_BPF"),
+        "the line names what is missing: {}",
+        lines[0]
+    );
+    let mut client = connect(lb.addr());
+    echo_round_trip(&mut client, b"served without eBPF").unwrap();
+    // And it really was without: lb's bounding set has none of the three.
+    let caps = std::fs::read_to_string(format!("/proc/{}/status", lb.pid())).unwrap();
+    let bounding = caps
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    for (cap, bit) in [
+        ("CAP_NET_ADMIN", 12),
+        ("CAP_SYS_ADMIN", 21),
+        ("CAP_BPF", 39),
+    ] {
+        assert_eq!(
+            bounding & (1 << bit),
+            0,
+            "{cap} is still in lb's bounding set"
+        );
+    }
+}
