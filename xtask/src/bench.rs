@@ -108,7 +108,7 @@ fn select(only: Option<&str>) -> anyhow::Result<(Vec<Figure>, Vec<Peer>)> {
             Some(_) => {}
             None => bail!(
                 "--only: unknown figure {key:?}; figures are rr, conn, bulk, rss \
-                 (and relay: only lb splice, lb copy and no balancer)"
+                 (and relay: only lb's relays, lb sockmap and no balancer)"
             ),
         }
     }
@@ -117,7 +117,13 @@ fn select(only: Option<&str>) -> anyhow::Result<(Vec<Figure>, Vec<Peer>)> {
     }
     figures.sort();
     let peers = if relay_only {
-        vec![Peer::None, Peer::Lb, Peer::LbSplice, Peer::LbCopy]
+        vec![
+            Peer::None,
+            Peer::Lb,
+            Peer::LbSplice,
+            Peer::LbCopy,
+            Peer::LbSockmap,
+        ]
     } else {
         Peer::ALL.to_vec()
     };
@@ -289,7 +295,8 @@ fn header(
          - lb is lb as shipped: each direction copies small messages through a pooled buffer \
          and splices bulk (adaptive relay). lb (splice) always splices through pooled pipes \
          (`LB_RELAY=splice`); lb (copy) always reads and writes through a buffer \
-         (`LB_RELAY=copy`).\n",
+         (`LB_RELAY=copy`). lb sockmap is the sockmap dataplane (`--dataplane sockmap`): lb \
+         connects, then the kernel relays each socket pair (needs root).\n",
         elapsed.as_secs_f64() / 60.0,
         loadavg(),
         if dirty { " (with local changes)" } else { "" },
@@ -340,13 +347,22 @@ mod tests {
     #[test]
     fn only() {
         let (f, p) = select(None).unwrap();
-        assert_eq!((f.len(), p.len()), (4, 6));
+        assert_eq!((f.len(), p.len()), (4, 7));
         let (f, p) = select(Some("rss, rr,rr")).unwrap();
         assert_eq!(f, [Figure::Rr, Figure::Rss]);
-        assert_eq!(p.len(), 6);
+        assert_eq!(p.len(), 7);
         let (f, p) = select(Some("relay")).unwrap();
         assert_eq!(f.len(), 4);
-        assert_eq!(p, [Peer::None, Peer::Lb, Peer::LbSplice, Peer::LbCopy]);
+        assert_eq!(
+            p,
+            [
+                Peer::None,
+                Peer::Lb,
+                Peer::LbSplice,
+                Peer::LbCopy,
+                Peer::LbSockmap
+            ]
+        );
         assert!(select(Some("rps")).is_err());
     }
 }

@@ -143,6 +143,10 @@ impl Drop for Sockmap {
                 let _ = std::fs::remove_file(path);
             }
         }
+        // The directory too, if nothing else is pinned there (fails otherwise).
+        if let Some(dir) = self.pinned.first().and_then(|(p, _)| p.parent()) {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 

@@ -70,7 +70,9 @@ impl Figure {
                  (and to the backend)."
             ),
             Figure::Bulk => format!(
-                "`iperf3 -c ... -t {seconds} -P T`: T streams to one iperf3 server, received rate."
+                "`iperf3 -c ... -t {seconds} -P T`: T streams to one iperf3 server, received rate. \
+                 CPU s/GB: CPU time of the whole machine (busy jiffies in /proc/stat: client, \
+                 balancer, server and kernel) per GB received; lower is better."
             ),
             Figure::Rss => format!(
                 "{IDLE_CONNECTIONS} idle TCP connections opened through the balancer to a backend \
@@ -95,7 +97,7 @@ impl Figure {
             m("p99 ms", false, 3),
         ];
         const CONN: &[Metric] = &[m("conn/s", true, 0), m("p99 ms", false, 3)];
-        const BULK: &[Metric] = &[m("Gbit/s", true, 2)];
+        const BULK: &[Metric] = &[m("Gbit/s", true, 2), m("CPU s/GB", false, 3)];
         const RSS: &[Metric] = &[m("KiB/conn", false, 2), m("idle RSS MiB", false, 1)];
         match self {
             Figure::Rr => RR,
@@ -158,9 +160,11 @@ impl Figure {
                     "--connect-timeout",
                     "3000",
                 ]);
-                let gbits = parse_iperf3(&output_within(&mut cmd, limit, scratch)?)?;
+                let busy_before = busy_cpu_seconds()?;
+                let (gbits, bytes) = parse_iperf3(&output_within(&mut cmd, limit, scratch)?)?;
+                let busy = busy_cpu_seconds()? - busy_before;
                 Sample {
-                    values: vec![gbits],
+                    values: vec![gbits, busy / (bytes / 1e9)],
                     note: None,
                 }
             }
@@ -224,7 +228,27 @@ fn parse_duration_ms(s: &str) -> Option<f64> {
     })
 }
 
-fn parse_iperf3(out: &str) -> anyhow::Result<f64> {
+/// CPU seconds the whole machine has spent busy (all but idle and iowait in /proc/stat).
+fn busy_cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("/proc/stat")?;
+    let cpu = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let ticks: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    anyhow::ensure!(ticks.len() >= 5, "short cpu line in /proc/stat: {cpu}");
+    // user nice system idle iowait irq softirq steal ...
+    let busy: f64 = ticks.iter().sum::<f64>() - ticks[3] - ticks[4];
+    // USER_HZ is 100 on Linux.
+    Ok(busy / 100.0)
+}
+
+/// Received rate (Gbit/s) and bytes.
+fn parse_iperf3(out: &str) -> anyhow::Result<(f64, f64)> {
     let json: serde_json::Value =
         serde_json::from_str(out).with_context(|| format!("iperf3 -J output:\n{out}"))?;
     if let Some(e) = json.get("error").and_then(|e| e.as_str()) {
@@ -234,7 +258,11 @@ fn parse_iperf3(out: &str) -> anyhow::Result<f64> {
         .pointer("/end/sum_received/bits_per_second")
         .and_then(serde_json::Value::as_f64)
         .context("no end.sum_received.bits_per_second in iperf3's output")?;
-    Ok(bps / 1e9)
+    let bytes = json
+        .pointer("/end/sum_received/bytes")
+        .and_then(serde_json::Value::as_f64)
+        .context("no end.sum_received.bytes in iperf3's output")?;
+    Ok((bps / 1e9, bytes))
 }
 
 fn idle_rss(peer: &mut Running, hold: &HoldBackend) -> anyhow::Result<Sample> {

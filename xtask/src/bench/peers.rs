@@ -56,16 +56,19 @@ pub enum Peer {
     Lb,
     LbSplice,
     LbCopy,
+    /// lb's sockmap dataplane: the kernel relays connected pairs.
+    LbSockmap,
     Haproxy,
     Nginx,
 }
 
 impl Peer {
-    pub const ALL: [Peer; 6] = [
+    pub const ALL: [Peer; 7] = [
         Peer::None,
         Peer::Lb,
         Peer::LbSplice,
         Peer::LbCopy,
+        Peer::LbSockmap,
         Peer::Haproxy,
         Peer::Nginx,
     ];
@@ -76,6 +79,7 @@ impl Peer {
             Peer::Lb => "lb",
             Peer::LbSplice => "lb (splice)",
             Peer::LbCopy => "lb (copy)",
+            Peer::LbSockmap => "lb sockmap",
             Peer::Haproxy => "HAProxy",
             Peer::Nginx => "nginx",
         }
@@ -105,21 +109,23 @@ impl Peer {
             Peer::Lb => "lb",
             Peer::LbSplice => "lb-splice",
             Peer::LbCopy => "lb-copy",
+            Peer::LbSockmap => "lb-sockmap",
             Peer::Haproxy => "haproxy",
             _ => "nginx",
         })?;
         let log = dir.join("log.txt");
         let cmd = match self {
-            Peer::Lb | Peer::LbSplice | Peer::LbCopy => {
+            Peer::Lb | Peer::LbSplice | Peer::LbCopy | Peer::LbSockmap => {
                 let conf = dir.join("lb.yaml");
-                std::fs::write(&conf, lb_config(frontend, backends))?;
+                let sockmap = self == Peer::LbSockmap;
+                std::fs::write(&conf, lb_config(frontend, backends, sockmap))?;
                 let mut cmd = Command::new(&ctx.lb_bin);
                 cmd.args([
                     "--log-level",
                     "warn",
                     "run",
                     "--dataplane",
-                    "proxy",
+                    if sockmap { "sockmap" } else { "proxy" },
                     "--config",
                 ])
                 .arg(&conf)
@@ -172,11 +178,20 @@ impl Running {
     }
 }
 
-fn lb_config(frontend: SocketAddr, backends: &[SocketAddr]) -> String {
-    let mut c = String::from(
-        "# cargo xtask bench: lb's proxy dataplane, no health checks (like the peers).\n\
-         dataplane:\n  mode: proxy\nshutdown_timeout: 1s\nservices:\n  - name: bench\n",
-    );
+fn lb_config(frontend: SocketAddr, backends: &[SocketAddr], sockmap: bool) -> String {
+    let mut c = if sockmap {
+        format!(
+            "# cargo xtask bench: lb's sockmap dataplane, no health checks (like the peers).\n\
+             dataplane:\n  mode: sockmap\n  pin_path: /sys/fs/bpf/lb-bench-{}\n\
+             shutdown_timeout: 1s\nservices:\n  - name: bench\n",
+            std::process::id()
+        )
+    } else {
+        String::from(
+            "# cargo xtask bench: lb's proxy dataplane, no health checks (like the peers).\n\
+             dataplane:\n  mode: proxy\nshutdown_timeout: 1s\nservices:\n  - name: bench\n",
+        )
+    };
     let _ = writeln!(c, "    listen: {frontend}");
     c.push_str("    algorithm: round_robin\n    max_connections: 10000\n    backends:\n");
     for b in backends {
