@@ -235,9 +235,17 @@ impl Collector for LbCollector {
             )?;
             labelled_counter(
                 &mut encoder,
+                "lb_sockmap_handed_back",
+                "Bulk connections the kernel fell behind on, handed back to the splice relay.",
+                "dataplane",
+                std::iter::once(("sockmap", sockmap.demoted.load(Relaxed))),
+            )?;
+            labelled_counter(
+                &mut encoder,
                 "lb_sockmap_holds",
-                "Times a direction was held for back pressure (its peer fell 4 MiB behind; the \
-                 daemon relayed its bytes until the peer caught up).",
+                "Times a direction was held for back pressure (its peer fell 4 MiB behind and the \
+                 connection could not be handed back: the daemon relayed its bytes until the \
+                 peer caught up).",
                 "dataplane",
                 std::iter::once(("sockmap", sockmap.holds.load(Relaxed))),
             )?;

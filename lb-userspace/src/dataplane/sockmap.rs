@@ -55,8 +55,9 @@ use crate::sys;
 static SOCKMAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-sockmap"));
 
 /// The maps this dataplane pins under `pin_path`.
-pub const MAP_NAMES: [&str; 4] = [
+pub const MAP_NAMES: [&str; 5] = [
     names::SK_SOCKS,
+    names::SK_PARK,
     names::SK_PEERS,
     names::SK_CTRL,
     names::SK_STATS,
@@ -112,6 +113,7 @@ pub enum SockmapError {
 /// The loaded sockmap program and its maps; the one owner of these kernel objects.
 pub struct Sockmap {
     socks: Mutex<SockHash<MapData, u64>>,
+    park: Mutex<SockHash<MapData, u64>>,
     peers: RwLock<BpfHashMap<MapData, u64, SockPeer>>,
     ctrl: Mutex<BpfHashMap<MapData, u64, SkCtrl>>,
     stats: PerCpuArray<MapData, u64>,
@@ -120,8 +122,10 @@ pub struct Sockmap {
     /// Connections that could not be handed over (a map full, ...) and were relayed in
     /// userspace instead.
     pub kept: AtomicU64,
-    /// Back-pressure holds (a peer fell behind).
+    /// Back-pressure holds (a peer fell behind and the connection could not leave).
     pub holds: AtomicU64,
+    /// Bulk connections handed back to the daemon's splice relay.
+    pub demoted: AtomicU64,
     /// `SK_STATS` after the self-test: the metrics count clients' traffic only.
     baseline: [u64; SkEvent::COUNT as usize],
     /// Our pins and the ids of the maps they name: removed on drop if still ours.
@@ -169,6 +173,7 @@ impl Sockmap {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::SK_SOCKS, max_sockets)
             .map_max_entries(names::SK_CTRL, max_sockets)
+            .map_max_entries(names::SK_PARK, max_sockets)
             .map_max_entries(names::SK_PEERS, max_sockets)
             .load(SOCKMAP_OBJECT)
             .map_err(|e| SockmapError::Load(Box::new(e)))?;
@@ -183,6 +188,7 @@ impl Sockmap {
         }
         let socks: SockHash<MapData, u64> = take(&mut ebpf, names::SK_SOCKS)?;
         let ctrl: BpfHashMap<MapData, u64, SkCtrl> = take(&mut ebpf, names::SK_CTRL)?;
+        let park: SockHash<MapData, u64> = take(&mut ebpf, names::SK_PARK)?;
         let peers: BpfHashMap<MapData, u64, SockPeer> = take(&mut ebpf, names::SK_PEERS)?;
         let stats: PerCpuArray<MapData, u64> = take(&mut ebpf, names::SK_STATS)?;
         let program_err = |source| SockmapError::Program {
@@ -201,12 +207,14 @@ impl Sockmap {
         program.attach(socks.fd()).map_err(program_err)?;
         Ok(Sockmap {
             socks: Mutex::new(socks),
+            park: Mutex::new(park),
             ctrl: Mutex::new(ctrl),
             peers: RwLock::new(peers),
             stats,
             handed: AtomicU64::new(0),
             kept: AtomicU64::new(0),
             holds: AtomicU64::new(0),
+            demoted: AtomicU64::new(0),
             baseline: [0; SkEvent::COUNT as usize],
             pinned,
             _ebpf: ebpf,
@@ -226,7 +234,7 @@ impl Sockmap {
     /// Starts the counters from zero (after the self-test).
     pub fn reset_counters(&mut self) -> Result<(), SockmapError> {
         self.baseline = self.raw_events()?;
-        for c in [&self.handed, &self.kept, &self.holds] {
+        for c in [&self.handed, &self.kept, &self.holds, &self.demoted] {
             c.store(0, Relaxed);
         }
         Ok(())
@@ -302,6 +310,11 @@ impl Sockmap {
             let _ = socks.remove(&cb);
         }
         {
+            let mut park = self.park.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = park.remove(&ca);
+            let _ = park.remove(&cb);
+        }
+        {
             let mut ctrl = self.ctrl.lock().unwrap_or_else(|e| e.into_inner());
             let _ = ctrl.remove(&ca);
             let _ = ctrl.remove(&cb);
@@ -367,15 +380,110 @@ impl Sockmap {
         self.handed.fetch_add(1, Relaxed);
         let up = Dir::new(&client, &backend, cc, backend_base, counters.to_backend);
         let down = Dir::new(&backend, &client, cb, client_base, counters.to_client);
-        let outcome = self
+        let watched = self
             .watch(&up, &down, pool, idle_timeout, force_close)
             .await;
         // Final counts, then out of the maps before the sockets close.
         for dir in [&up, &down] {
             let _ = self.account(dir);
         }
+        let demote = match watched {
+            Watched::Ended(outcome) => {
+                self.forget(cc, cb);
+                return outcome;
+            }
+            Watched::Bulk => self.demote(&up, &down, pool).await,
+        };
         self.forget(cc, cb);
-        outcome
+        drop((up, down));
+        if let Err(e) = demote {
+            // Bytes may be lost: end the connection with resets rather than corrupt it.
+            tracing::warn!(error = %e, "cannot hand a bulk connection back to userspace; resetting it");
+            sys::reset_on_close(&client);
+            sys::reset_on_close(&backend);
+            return Outcome::BackendFailed;
+        }
+        self.demoted.fetch_add(1, Relaxed);
+        tracing::debug!("bulk connection handed back to the splice relay");
+        relay::relay(
+            client,
+            backend,
+            relay::RelayMode::Adaptive,
+            pool,
+            counters,
+            idle_timeout,
+            force_close,
+        )
+        .await
+    }
+
+    /// Takes a bulk connection off the kernel path (both directions still open, neither in
+    /// the middle of a write; both sockets already in `SK_PARK`). Out of `SK_SOCKS`, new
+    /// bytes wait in the sockets' receive queues; the kernel's redirect queues drain into the
+    /// peers; the bytes the program had passed up are relayed from the parked psocks; then
+    /// the sockets leave `SK_PARK` and are plain sockets again, ready for splice.
+    async fn demote(&self, up: &Dir<'_>, down: &Dir<'_>, pool: &PipePool) -> io::Result<()> {
+        {
+            let mut socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
+            for dir in [up, down] {
+                socks.remove(&dir.src_cookie).map_err(io::Error::other)?;
+            }
+        }
+        let limit = Duration::from_secs(10);
+        for dir in [up, down] {
+            // First everything the kernel redirected, then what it passed up (in that order
+            // the bytes arrived), then (later, by the splice relay) what waits unread.
+            tokio::time::timeout(limit, self.drained(dir))
+                .await
+                .map_err(|_| io::Error::other("the redirect queue did not drain within 10 s"))?
+                .map_err(|(DirError::Source(e) | DirError::Dest(e))| e)?;
+            let relay_passed = async {
+                loop {
+                    // A program run that began before the removal may still add to it: read
+                    // the count again once caught up.
+                    let passed = self
+                        .peer(dir.src_cookie)
+                        .map_err(io::Error::other)?
+                        .passed_bytes;
+                    if dir.copied.load(Relaxed) >= passed {
+                        return Ok::<(), io::Error>(());
+                    }
+                    let ready = dir.src.ready(Interest::READABLE).await?;
+                    match relay::copy_step(dir.src, dir.dst, ready, pool).await {
+                        Ok(Some(0)) => return Ok(()),
+                        Ok(Some(n)) => {
+                            dir.copied.fetch_add(n as u64, Relaxed);
+                            dir.bytes.fetch_add(n as u64, Relaxed);
+                        }
+                        Ok(None) => {}
+                        Err(DirError::Source(e) | DirError::Dest(e)) => return Err(e),
+                    }
+                }
+            };
+            tokio::time::timeout(limit, relay_passed)
+                .await
+                .map_err(|_| io::Error::other("passed-up bytes did not arrive within 10 s"))??;
+        }
+        let mut park = self.park.lock().unwrap_or_else(|e| e.into_inner());
+        for dir in [up, down] {
+            park.remove(&dir.src_cookie).map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    /// Parks both sockets (see [`Sockmap::demote`]); false if the kernel refuses (a socket
+    /// that has seen a FIN cannot enter a sockmap).
+    fn park(&self, up: &Dir<'_>, down: &Dir<'_>) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let mut park = self.park.lock().unwrap_or_else(|e| e.into_inner());
+        let parked = park
+            .insert(up.src_cookie, up.src.as_raw_fd(), 0)
+            .and_then(|()| park.insert(down.src_cookie, down.src.as_raw_fd(), 0));
+        if parked.is_err() {
+            let _ = park.remove(&up.src_cookie);
+            let _ = park.remove(&down.src_cookie);
+        }
+        parked.is_ok()
     }
 
     /// Adds what the kernel redirected for `dir` since the last call to the backend's
@@ -457,7 +565,7 @@ impl Sockmap {
         pool: &PipePool,
         idle_timeout: Duration,
         force_close: &CancellationToken,
-    ) -> Outcome {
+    ) -> Watched {
         let up_run = self.direction(up, pool);
         let down_run = self.direction(down, pool);
         tokio::pin!(up_run, down_run);
@@ -474,13 +582,13 @@ impl Sockmap {
             tokio::select! {
                 r = &mut up_run, if !up_done => match r {
                     Ok(()) => up_done = true,
-                    Err(DirError::Source(e)) => return fail(up.dst, Outcome::ClientFailed, &e),
-                    Err(DirError::Dest(e)) => return fail(up.src, Outcome::BackendFailed, &e),
+                    Err(DirError::Source(e)) => return Watched::Ended(fail(up.dst, Outcome::ClientFailed, &e)),
+                    Err(DirError::Dest(e)) => return Watched::Ended(fail(up.src, Outcome::BackendFailed, &e)),
                 },
                 r = &mut down_run, if !down_done => match r {
                     Ok(()) => down_done = true,
-                    Err(DirError::Source(e)) => return fail(down.dst, Outcome::BackendFailed, &e),
-                    Err(DirError::Dest(e)) => return fail(down.src, Outcome::ClientFailed, &e),
+                    Err(DirError::Source(e)) => return Watched::Ended(fail(down.dst, Outcome::BackendFailed, &e)),
+                    Err(DirError::Dest(e)) => return Watched::Ended(fail(down.src, Outcome::ClientFailed, &e)),
                 },
                 () = &mut timer => {
                     let mut moved = 0;
@@ -488,27 +596,44 @@ impl Sockmap {
                     for (dir, done) in [(up, up_done), (down, down_done)] {
                         let Ok((kernel, delta)) = self.account(dir) else { continue };
                         moved += delta;
-                        if !done {
-                            if let Err(e) = self.pressure(dir, kernel) {
-                                tracing::warn!(error = %crate::dataplane::chain(&e), "sockmap back pressure");
-                            }
-                            held |= dir.held.load(Relaxed);
+                        if done {
+                            continue;
                         }
+                        match self.backlog(dir, kernel) {
+                            // Bulk: the kernel falls behind. The splice relay moves bulk
+                            // faster and cheaper (docs/benchmarks.md): hand the connection
+                            // back, at a moment when neither direction holds bytes.
+                            Ok(b) if b > BACKLOG_HIGH
+                                && !up_done
+                                && !down_done
+                                && !up.busy.load(Relaxed)
+                                && !down.busy.load(Relaxed)
+                                && self.park(up, down) =>
+                            {
+                                return Watched::Bulk;
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::debug!(error = %e, "sockmap backlog"),
+                        }
+                        if let Err(e) = self.pressure(dir, kernel) {
+                            tracing::warn!(error = %crate::dataplane::chain(&e), "sockmap back pressure");
+                        }
+                        held |= dir.held.load(Relaxed);
                     }
                     let copied = up.copied.load(Relaxed) + down.copied.load(Relaxed);
                     if moved > 0 || copied != copied_seen {
                         copied_seen = copied;
                         last_activity = Instant::now();
                     } else if last_activity.elapsed() >= idle_timeout {
-                        return Outcome::IdleTimeout;
+                        return Watched::Ended(Outcome::IdleTimeout);
                     }
                     tick = if held || moved >= BUSY_BYTES { TICK_FAST } else { (tick * 2).min(slowest) };
                     timer.as_mut().reset(Instant::now() + tick);
                 }
-                () = force_close.cancelled() => return Outcome::Shutdown,
+                () = force_close.cancelled() => return Watched::Ended(Outcome::Shutdown),
             }
             if up_done && down_done {
-                return Outcome::Closed;
+                return Watched::Ended(Outcome::Closed);
             }
         }
     }
@@ -550,7 +675,10 @@ impl Sockmap {
             sys::kick_receive_queue(dir.src).map_err(DirError::Source)?;
             // Passed-up bytes go after everything redirected before them.
             self.drained(dir).await?;
-            match relay::copy_step(dir.src, dir.dst, ready, pool).await? {
+            dir.busy.store(true, Relaxed);
+            let step = relay::copy_step(dir.src, dir.dst, ready, pool).await;
+            dir.busy.store(false, Relaxed);
+            match step? {
                 None => {}
                 // A FIN is TCP state, set when it arrives: bytes before it may still be on
                 // their way through the program, or passed up and not yet readable.
@@ -597,6 +725,15 @@ struct Dir<'a> {
     bytes: &'a AtomicU64,
     /// Held for back pressure: the program passes every byte up.
     held: AtomicBool,
+    /// In the middle of relaying passed-up bytes (read, not yet all written).
+    busy: AtomicBool,
+}
+
+/// How watching a connection ended.
+enum Watched {
+    Ended(Outcome),
+    /// Bulk: both sockets are parked, to leave the kernel path.
+    Bulk,
 }
 
 impl<'a> Dir<'a> {
@@ -616,6 +753,7 @@ impl<'a> Dir<'a> {
             counted: AtomicU64::new(0),
             bytes,
             held: AtomicBool::new(false),
+            busy: AtomicBool::new(false),
         }
     }
 }
