@@ -438,3 +438,118 @@ fn without_bpf_capabilities_auto_serves_through_proxy_and_logs_one_line_why() {
         );
     }
 }
+
+#[test]
+fn a_bulk_upload_is_handed_back_to_the_splice_relay_without_losing_a_byte() {
+    if !privileged("a_bulk_upload_is_handed_back_to_the_splice_relay_without_losing_a_byte") {
+        return;
+    }
+    const LEN: u64 = 256 << 20;
+    let (report, reports) = std::sync::mpsc::channel();
+    // The backend sends nothing back (len 0 its way) and checks what it reads.
+    let backend = Backend::sink_source(LEN, 11, 22, report);
+    let pins = PinDir::new();
+    let lb = sockmap_lb(&[backend.addr()], &pins);
+    let mut client = connect(lb.addr());
+    client
+        .set_write_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut hasher = StreamHasher::new();
+    lb_tests::stream::Pattern::new(22)
+        .send(&mut client, LEN, &mut hasher)
+        .expect("the client sends 256 MiB");
+    client.shutdown(Shutdown::Write).unwrap();
+    let got = lb_tests::stream::Pattern::new(11).receive(&mut client, LEN);
+    assert!(got.error.is_none(), "{got:?}");
+    let seen = reports
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the backend reports");
+    assert_eq!(seen.received.bytes, LEN, "{:?}", seen.received);
+    assert_eq!(seen.received.first_mismatch, None);
+    assert_eq!(seen.received.sha256, hasher.finish());
+    let metrics = lb.metrics();
+    assert_eq!(
+        metrics.get("lb_sockmap_handed_back_total", &[("dataplane", "sockmap")]),
+        1,
+        "the kernel falls behind a loopback bulk upload: the connection is handed back"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || pins.dump("SK_PEERS").is_empty()),
+        "no entry left behind"
+    );
+    assert!(
+        pins.dump("SK_PARK").is_empty(),
+        "no parked socket left behind"
+    );
+}
+
+#[test]
+fn a_half_closed_download_to_a_slow_client_is_held_and_arrives_exact() {
+    if !privileged("a_half_closed_download_to_a_slow_client_is_held_and_arrives_exact") {
+        return;
+    }
+    const LEN: u64 = 96 << 20;
+    let (report, reports) = std::sync::mpsc::channel();
+    // The backend streams LEN bytes of pattern 33 and checks the upload against pattern 44.
+    let backend = Backend::sink_source(LEN, 33, 44, report);
+    let pins = PinDir::new();
+    let lb = sockmap_lb(&[backend.addr()], &pins);
+    let mut client = connect(lb.addr());
+    client
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let down = lb_tests::stream::Pattern::new(33);
+    let mut hasher = StreamHasher::new();
+    // One byte up, and the first bytes down: the connection is in the kernel's hands.
+    client
+        .write_all(lb_tests::stream::Pattern::new(44).at(0, 1))
+        .unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = 0u64;
+    let n = client.read(&mut buf).unwrap();
+    assert!(n > 0);
+    assert_eq!(down.check(0, &buf[..n]), None, "the first bytes are exact");
+    hasher.update(&buf[..n]);
+    got += n as u64;
+    // Now half-closed: lb's client socket has seen a FIN, so the kernel cannot park it and
+    // hand the connection back; back pressure must hold the download instead while the
+    // client does not read.
+    client.shutdown(Shutdown::Write).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                assert_eq!(
+                    down.check(got, &buf[..n]),
+                    None,
+                    "the bytes at {got} are exact"
+                );
+                hasher.update(&buf[..n]);
+                got += n as u64;
+                assert!(got <= LEN, "more bytes than the backend sent");
+            }
+            Err(e) => panic!("after {got} bytes: {e}"),
+        }
+    }
+    assert_eq!(got, LEN);
+    let seen = reports
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the backend reports");
+    assert_eq!(hasher.finish(), seen.sent_sha256);
+    assert_eq!(seen.received.bytes, 1, "{:?}", seen.received);
+    let metrics = lb.metrics();
+    assert!(
+        metrics.get("lb_sockmap_holds_total", &[("dataplane", "sockmap")]) >= 1,
+        "the download was held while the client did not read: {}",
+        metrics.text
+    );
+    assert_eq!(
+        metrics.get("lb_sockmap_handed_back_total", &[("dataplane", "sockmap")]),
+        0
+    );
+    assert_eq!(
+        metrics.get("lb_sockmap_connections_total", &[("relayed_by", "kernel")]),
+        1
+    );
+}

@@ -364,7 +364,9 @@ impl Sockmap {
             Ok(v) => v,
             Err(e) => {
                 self.kept.fetch_add(1, Relaxed);
-                tracing::warn!(error = %crate::dataplane::chain(&e), "cannot hand the connection to the kernel; relaying it in userspace");
+                // Typically a side that has already sent its FIN (a socket in CLOSE_WAIT cannot
+                // enter a sockmap); counted in lb_sockmap_connections_total.
+                tracing::debug!(error = %crate::dataplane::chain(&e), "cannot hand the connection to the kernel; relaying it in userspace");
                 return relay::relay(
                     client,
                     backend,
@@ -429,46 +431,84 @@ impl Sockmap {
                 socks.remove(&dir.src_cookie).map_err(io::Error::other)?;
             }
         }
-        let limit = Duration::from_secs(10);
-        for dir in [up, down] {
-            // First everything the kernel redirected, then what it passed up (in that order
-            // the bytes arrived), then (later, by the splice relay) what waits unread.
-            tokio::time::timeout(limit, self.drained(dir))
-                .await
-                .map_err(|_| io::Error::other("the redirect queue did not drain within 10 s"))?
-                .map_err(|(DirError::Source(e) | DirError::Dest(e))| e)?;
-            let relay_passed = async {
-                loop {
-                    // A program run that began before the removal may still add to it: read
-                    // the count again once caught up.
-                    let passed = self
-                        .peer(dir.src_cookie)
-                        .map_err(io::Error::other)?
-                        .passed_bytes;
-                    if dir.copied.load(Relaxed) >= passed {
-                        return Ok::<(), io::Error>(());
-                    }
-                    let ready = dir.src.ready(Interest::READABLE).await?;
-                    match relay::copy_step(dir.src, dir.dst, ready, pool).await {
-                        Ok(Some(0)) => return Ok(()),
-                        Ok(Some(n)) => {
-                            dir.copied.fetch_add(n as u64, Relaxed);
-                            dir.bytes.fetch_add(n as u64, Relaxed);
-                        }
-                        Ok(None) => {}
-                        Err(DirError::Source(e) | DirError::Dest(e)) => return Err(e),
-                    }
-                }
-            };
-            tokio::time::timeout(limit, relay_passed)
-                .await
-                .map_err(|_| io::Error::other("passed-up bytes did not arrive within 10 s"))??;
-        }
+        // Both directions at once, and each keeps relaying (copying) after its own queued
+        // bytes are through until the other's are too: a client that writes before it reads
+        // would otherwise wait on us while we wait on it.
+        let (up_done, down_done) = (AtomicBool::new(false), AtomicBool::new(false));
+        let limit = Duration::from_secs(30);
+        let both = async {
+            tokio::try_join!(
+                self.demote_dir(up, pool, &up_done, &down_done),
+                self.demote_dir(down, pool, &down_done, &up_done),
+            )
+        };
+        tokio::time::timeout(limit, both)
+            .await
+            .map_err(|_| io::Error::other("the kernel's queues did not drain within 30 s"))??;
         let mut park = self.park.lock().unwrap_or_else(|e| e.into_inner());
         for dir in [up, down] {
             park.remove(&dir.src_cookie).map_err(io::Error::other)?;
         }
         Ok(())
+    }
+
+    /// One direction of [`Sockmap::demote`]: first everything the kernel redirected, then
+    /// what it passed up (in the order the bytes arrived); then, until the other direction is
+    /// through too, whatever else `src` has (up to its EOF, which stays for the splice relay
+    /// to see and pass on).
+    async fn demote_dir(
+        &self,
+        dir: &Dir<'_>,
+        pool: &PipePool,
+        done: &AtomicBool,
+        other_done: &AtomicBool,
+    ) -> io::Result<()> {
+        let err = |(DirError::Source(e) | DirError::Dest(e))| e;
+        self.drained(dir).await.map_err(err)?;
+        let mut eof = false;
+        loop {
+            if !done.load(Relaxed) {
+                // A program run that began before the removal may still add to the count:
+                // it is read again each time round.
+                let passed = self
+                    .peer(dir.src_cookie)
+                    .map_err(io::Error::other)?
+                    .passed_bytes;
+                if dir.copied.load(Relaxed) >= passed {
+                    done.store(true, Relaxed);
+                }
+            }
+            if done.load(Relaxed) && (eof || other_done.load(Relaxed)) {
+                if eof {
+                    // Nothing more to read here: wait for the other direction.
+                    while !other_done.load(Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                return Ok(());
+            }
+            if eof {
+                // EOF before every passed byte was read cannot happen (they are queued
+                // ahead of it); do not spin if it does.
+                return Err(io::Error::other("EOF before the passed-up bytes"));
+            }
+            let ready = tokio::select! {
+                r = dir.src.ready(Interest::READABLE) => r?,
+                // Re-check the other direction now and then.
+                () = tokio::time::sleep(Duration::from_millis(5)) => continue,
+            };
+            match relay::copy_step(dir.src, dir.dst, ready, pool)
+                .await
+                .map_err(err)?
+            {
+                Some(0) => eof = true,
+                Some(n) => {
+                    dir.copied.fetch_add(n as u64, Relaxed);
+                    dir.bytes.fetch_add(n as u64, Relaxed);
+                }
+                None => {}
+            }
+        }
     }
 
     /// Parks both sockets (see [`Sockmap::demote`]); false if the kernel refuses (a socket
