@@ -553,3 +553,46 @@ fn a_half_closed_download_to_a_slow_client_is_held_and_arrives_exact() {
         1
     );
 }
+
+#[test]
+fn with_promote_after_bytes_short_connections_stay_in_userspace_and_long_ones_are_handed_over() {
+    if !privileged("with_promote_after_bytes_short_connections_stay_in_userspace") {
+        return;
+    }
+    let backend = Backend::echo();
+    let pins = PinDir::new();
+    let config = LbConfig::new("sockmap", vec![ServiceSpec::new("sm", &[backend.addr()])]);
+    let lb = AdminLb::start(&config, |doc| {
+        pins.edit()(doc);
+        doc["dataplane"]["sockmap"]["promote_after_bytes"] = Value::from(65536);
+    });
+    // 20 short exchanges of 1 KiB each way: under 64 KiB, never handed over.
+    for i in 0..20 {
+        let mut client = connect(lb.addr());
+        echo_round_trip(&mut client, &[i as u8; 1024]).unwrap();
+    }
+    let kernel = |lb: &AdminLb| {
+        lb.metrics()
+            .get("lb_sockmap_connections_total", &[("relayed_by", "kernel")])
+    };
+    assert_eq!(kernel(&lb), 0, "short connections stay in userspace");
+    // One connection of 200 exchanges of 1 KiB: handed over after 64 KiB, exact throughout.
+    let mut client = connect(lb.addr());
+    for i in 0..200u32 {
+        let msg: Vec<u8> = (0..1024u32).map(|j| ((i * 31 + j) % 251) as u8).collect();
+        echo_round_trip(&mut client, &msg).unwrap_or_else(|e| panic!("exchange {i}: {e}"));
+    }
+    assert_eq!(kernel(&lb), 1, "the long connection was handed over");
+    let metrics = lb.metrics();
+    assert!(
+        metrics.get("lb_sockmap_events_total", &[("event", "redirect_bytes")]) > 100_000,
+        "after the hand-over the kernel moved the rest: {}",
+        metrics.text
+    );
+    client.shutdown(Shutdown::Write).unwrap();
+    assert!(read_to_eof(&mut client, 16).unwrap().is_empty());
+    drop(client);
+    assert!(wait_until(Duration::from_secs(5), || pins
+        .dump("SK_PEERS")
+        .is_empty()));
+}

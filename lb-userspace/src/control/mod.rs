@@ -449,6 +449,7 @@ pub async fn run(
             tracker: TaskTracker::new(),
             force_close: CancellationToken::new(),
             sockmap: choice.sockmap.take(),
+            promote_after: config.dataplane.sockmap.promote_after_bytes,
         }),
         tasks: TaskTracker::new(),
         reloads_ok: AtomicU64::new(0),

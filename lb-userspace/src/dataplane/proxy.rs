@@ -36,8 +36,10 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Fired when the drain deadline passes: open connections close.
     pub force_close: CancellationToken,
-    /// The sockmap dataplane: connections are handed to the kernel once connected.
+    /// The sockmap dataplane: connections are handed to the kernel once connected (or once
+    /// they have moved `promote_after` bytes in userspace).
     pub sockmap: Option<Arc<super::sockmap::Sockmap>>,
+    pub promote_after: u64,
 }
 
 /// Binds a listening socket: SO_REUSEADDR, IPv6 sockets IPv6-only, backlog 1024, non-blocking
@@ -153,16 +155,39 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
         };
         let outcome = match &shared.sockmap {
             Some(sockmap) => {
-                sockmap
-                    .relay(
-                        client,
-                        stream,
+                let promote = if shared.promote_after == 0 {
+                    relay::Step::Promote
+                } else {
+                    let limits = relay::Limits {
+                        idle_timeout: config.idle_timeout,
+                        promote_after: Some(shared.promote_after),
+                    };
+                    relay::relay_until(
+                        &client,
+                        &stream,
+                        shared.mode,
                         &shared.pool,
                         counters,
-                        config.idle_timeout,
+                        limits,
                         &shared.force_close,
                     )
                     .await
+                };
+                match promote {
+                    relay::Step::Ended(outcome) => outcome,
+                    relay::Step::Promote => {
+                        sockmap
+                            .relay(
+                                client,
+                                stream,
+                                &shared.pool,
+                                counters,
+                                config.idle_timeout,
+                                &shared.force_close,
+                            )
+                            .await
+                    }
+                }
             }
             None => {
                 relay::relay(

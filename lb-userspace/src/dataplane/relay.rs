@@ -13,13 +13,14 @@
 
 use std::{
     io,
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     time::Duration,
 };
 
 use tokio::{
     io::{Interest, Ready},
     net::TcpStream,
+    sync::Notify,
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
@@ -83,54 +84,118 @@ pub async fn relay(
     idle_timeout: Duration,
     force_close: &CancellationToken,
 ) -> Outcome {
+    let limits = Limits {
+        idle_timeout,
+        promote_after: None,
+    };
+    match relay_until(&client, &backend, mode, pool, counters, limits, force_close).await {
+        Step::Ended(outcome) => outcome,
+        Step::Promote => unreachable!("no promotion without promote_after"),
+    }
+}
+
+/// How long a relay may idle, and after how many bytes (both ways) it stops to hand the
+/// connection to the kernel (the sockmap dataplane's `promote_after_bytes`).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub idle_timeout: Duration,
+    pub promote_after: Option<u64>,
+}
+
+/// How [`relay_until`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    Ended(Outcome),
+    /// `promote_after` bytes have moved and both directions are open, stopped between two
+    /// steps: nothing read is unwritten. The sockets are ready to be handed over.
+    Promote,
+}
+
+/// [`relay`] on borrowed sockets, which may stop early to promote the connection (see
+/// [`Limits`]). On `Step::Ended` a reset is armed where one is due.
+pub async fn relay_until(
+    client: &TcpStream,
+    backend: &TcpStream,
+    mode: RelayMode,
+    pool: &PipePool,
+    counters: Counters<'_>,
+    limits: Limits,
+    force_close: &CancellationToken,
+) -> Step {
+    let idle_timeout = limits.idle_timeout;
     let start = Instant::now();
     // Milliseconds since `start` of the last byte moved either way.
     let activity = AtomicU64::new(0);
-    let up = direction(
-        &client,
-        &backend,
-        mode,
-        pool,
-        counters.to_backend,
-        &activity,
-        start,
-    );
-    let down = direction(
-        &backend,
-        &client,
-        mode,
-        pool,
-        counters.to_client,
-        &activity,
-        start,
-    );
+    let promote = Promotion {
+        after: limits.promote_after.unwrap_or(u64::MAX),
+        moved: AtomicU64::new(0),
+        asked: AtomicBool::new(false),
+        ask: Notify::new(),
+    };
+    let dir = |src, dst, bytes, promote| {
+        direction(src, dst, mode, pool, bytes, &activity, start, promote)
+    };
+    let up = dir(client, backend, counters.to_backend, Some(&promote));
+    let down = dir(backend, client, counters.to_client, Some(&promote));
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
+    let (mut up_paused, mut down_paused) = (false, false);
     loop {
         let deadline = start + Duration::from_millis(activity.load(Relaxed)) + idle_timeout;
         tokio::select! {
-            r = &mut up, if !up_done => match r {
-                Ok(()) => up_done = true,
-                Err(DirError::Source(e)) => return fail(&backend, Outcome::ClientFailed, &e),
-                Err(DirError::Dest(e)) => return fail(&client, Outcome::BackendFailed, &e),
+            r = &mut up, if !up_done && !up_paused => match r {
+                Ok(DirEnd::Eof) => up_done = true,
+                Ok(DirEnd::Paused) => up_paused = true,
+                Err(DirError::Source(e)) => return Step::Ended(fail(backend, Outcome::ClientFailed, &e)),
+                Err(DirError::Dest(e)) => return Step::Ended(fail(client, Outcome::BackendFailed, &e)),
             },
-            r = &mut down, if !down_done => match r {
-                Ok(()) => down_done = true,
-                Err(DirError::Source(e)) => return fail(&client, Outcome::BackendFailed, &e),
-                Err(DirError::Dest(e)) => return fail(&backend, Outcome::ClientFailed, &e),
+            r = &mut down, if !down_done && !down_paused => match r {
+                Ok(DirEnd::Eof) => down_done = true,
+                Ok(DirEnd::Paused) => down_paused = true,
+                Err(DirError::Source(e)) => return Step::Ended(fail(client, Outcome::BackendFailed, &e)),
+                Err(DirError::Dest(e)) => return Step::Ended(fail(backend, Outcome::ClientFailed, &e)),
             },
             () = tokio::time::sleep_until(deadline) => {
                 let idle = start.elapsed().saturating_sub(Duration::from_millis(activity.load(Relaxed)));
                 if idle >= idle_timeout {
-                    return Outcome::IdleTimeout;
+                    return Step::Ended(Outcome::IdleTimeout);
                 }
             }
-            () = force_close.cancelled() => return Outcome::Shutdown,
+            () = force_close.cancelled() => return Step::Ended(Outcome::Shutdown),
+        }
+        if up_paused && down_paused {
+            return Step::Promote;
+        }
+        // One direction ended while the other stopped for a promotion: too late to hand the
+        // connection over (its FIN is passed on already); the other carries on here.
+        if up_paused && down_done {
+            up.set(dir(client, backend, counters.to_backend, None));
+            up_paused = false;
+        }
+        if down_paused && up_done {
+            down.set(dir(backend, client, counters.to_client, None));
+            down_paused = false;
         }
         if up_done && down_done {
-            return Outcome::Closed;
+            return Step::Ended(Outcome::Closed);
         }
     }
+}
+
+/// A relay's promotion: bytes moved so far, and whether the directions were asked to stop.
+struct Promotion {
+    after: u64,
+    moved: AtomicU64,
+    asked: AtomicBool,
+    ask: Notify,
+}
+
+/// How a direction ended without an error.
+enum DirEnd {
+    /// EOF from the source, passed on.
+    Eof,
+    /// Stopped for a promotion, between two steps.
+    Paused,
 }
 
 /// Arms a reset toward `peer` (sent when the relay drops the sockets) and reports.
@@ -140,7 +205,9 @@ fn fail(peer: &TcpStream, outcome: Outcome, error: &io::Error) -> Outcome {
     outcome
 }
 
-/// Moves bytes from `src` to `dst` until EOF on `src`, then passes the FIN on.
+/// Moves bytes from `src` to `dst` until EOF on `src`, then passes the FIN on; or, with
+/// `promote`, stops between two steps once the connection has moved enough bytes.
+#[expect(clippy::too_many_arguments, reason = "one direction's whole context")]
 async fn direction(
     src: &TcpStream,
     dst: &TcpStream,
@@ -149,13 +216,27 @@ async fn direction(
     bytes: &AtomicU64,
     activity: &AtomicU64,
     start: Instant,
-) -> Result<(), DirError> {
+    promote: Option<&Promotion>,
+) -> Result<DirEnd, DirError> {
     let mut splicing = mode == RelayMode::Splice;
     loop {
-        let ready = src
-            .ready(Interest::READABLE)
-            .await
-            .map_err(DirError::Source)?;
+        let ready = match promote {
+            Some(p) => {
+                // Created before the check, so a request made in between still wakes it.
+                let asked = p.ask.notified();
+                if p.asked.load(Relaxed) {
+                    return Ok(DirEnd::Paused);
+                }
+                tokio::select! {
+                    () = asked => return Ok(DirEnd::Paused),
+                    r = src.ready(Interest::READABLE) => r.map_err(DirError::Source)?,
+                }
+            }
+            None => src
+                .ready(Interest::READABLE)
+                .await
+                .map_err(DirError::Source)?,
+        };
         let moved = if splicing {
             splice_step(src, dst, ready, pool).await?
         } else {
@@ -171,13 +252,21 @@ async fn direction(
                     // Bulk while a read fills the copy buffer; small again below it.
                     splicing = n >= pool.buffer_size();
                 }
+                if let Some(p) = promote
+                    && p.moved.fetch_add(n as u64, Relaxed) + n as u64 >= p.after
+                {
+                    p.asked.store(true, Relaxed);
+                    p.ask.notify_waiters();
+                    return Ok(DirEnd::Paused);
+                }
             }
         }
     }
     // Every byte read before EOF has been written: pass the half-close on.
     socket2::SockRef::from(dst)
         .shutdown(std::net::Shutdown::Write)
-        .map_err(DirError::Dest)
+        .map_err(DirError::Dest)?;
+    Ok(DirEnd::Eof)
 }
 
 fn touch(activity: &AtomicU64, start: Instant) {
