@@ -543,11 +543,13 @@ impl LbConfig {
     /// The YAML text. Services without a listen address must have been given one.
     pub fn yaml(&self) -> String {
         let mut y = String::new();
-        let _ = writeln!(
-            y,
-            "dataplane:\n  mode: {}\nshutdown_timeout: {}\nservices:",
-            self.dataplane, self.shutdown_timeout
-        );
+        let _ = writeln!(y, "dataplane:\n  mode: {}", self.dataplane);
+        if self.dataplane == "sockmap" {
+            // Every connection to the kernel at once, so the whole suite runs on the kernel
+            // path (the default, 64 KiB in userspace first, has its own test).
+            y.push_str("  sockmap:\n    promote_after_bytes: 0\n");
+        }
+        let _ = writeln!(y, "shutdown_timeout: {}\nservices:", self.shutdown_timeout);
         for s in &self.services {
             let listen = s.listen.expect("listen address chosen");
             let _ = writeln!(y, "  - name: {}", s.name);

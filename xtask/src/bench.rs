@@ -123,6 +123,7 @@ fn select(only: Option<&str>) -> anyhow::Result<(Vec<Figure>, Vec<Peer>)> {
             Peer::LbSplice,
             Peer::LbCopy,
             Peer::LbSockmap,
+            Peer::LbSockmapAtOnce,
         ]
     } else {
         Peer::ALL.to_vec()
@@ -295,8 +296,10 @@ fn header(
          - lb is lb as shipped: each direction copies small messages through a pooled buffer \
          and splices bulk (adaptive relay). lb (splice) always splices through pooled pipes \
          (`LB_RELAY=splice`); lb (copy) always reads and writes through a buffer \
-         (`LB_RELAY=copy`). lb sockmap is the sockmap dataplane (`--dataplane sockmap`): lb \
-         connects, then the kernel relays each socket pair (needs root).\n",
+         (`LB_RELAY=copy`). lb sockmap is the sockmap dataplane (`--dataplane sockmap`, needs \
+         root) as shipped: a connection is handed to the kernel once it has moved \
+         `promote_after_bytes` (default 64 KiB) in userspace; lb sockmap (at once) hands \
+         every connection over as soon as it is connected (`promote_after_bytes: 0`).\n",
         elapsed.as_secs_f64() / 60.0,
         loadavg(),
         if dirty { " (with local changes)" } else { "" },
@@ -347,10 +350,10 @@ mod tests {
     #[test]
     fn only() {
         let (f, p) = select(None).unwrap();
-        assert_eq!((f.len(), p.len()), (4, 7));
+        assert_eq!((f.len(), p.len()), (4, 8));
         let (f, p) = select(Some("rss, rr,rr")).unwrap();
         assert_eq!(f, [Figure::Rr, Figure::Rss]);
-        assert_eq!(p.len(), 7);
+        assert_eq!(p.len(), 8);
         let (f, p) = select(Some("relay")).unwrap();
         assert_eq!(f.len(), 4);
         assert_eq!(
@@ -360,7 +363,8 @@ mod tests {
                 Peer::Lb,
                 Peer::LbSplice,
                 Peer::LbCopy,
-                Peer::LbSockmap
+                Peer::LbSockmap,
+                Peer::LbSockmapAtOnce
             ]
         );
         assert!(select(Some("rps")).is_err());

@@ -89,7 +89,7 @@ fn minimal_config_gets_every_default() {
                 xdp: None,
                 sockmap: SockmapConfig {
                     enabled: true,
-                    promote_after_bytes: 0
+                    promote_after_bytes: 65536
                 },
             },
             shutdown_timeout: secs(30),

@@ -302,11 +302,17 @@ pub struct SockmapConfig {
     pub promote_after_bytes: u64,
 }
 
+impl SockmapConfig {
+    /// Measured (docs/benchmarks.md): a short connection costs more to hand over than the
+    /// kernel saves it, a long-lived chatty one gains; 64 KiB tells them apart.
+    pub const DEFAULT_PROMOTE_AFTER_BYTES: u64 = 64 * 1024;
+}
+
 impl Default for SockmapConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            promote_after_bytes: 0,
+            promote_after_bytes: Self::DEFAULT_PROMOTE_AFTER_BYTES,
         }
     }
 }

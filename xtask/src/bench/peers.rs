@@ -56,19 +56,23 @@ pub enum Peer {
     Lb,
     LbSplice,
     LbCopy,
-    /// lb's sockmap dataplane: the kernel relays connected pairs.
+    /// lb's sockmap dataplane as shipped (`promote_after_bytes` default).
     LbSockmap,
+    /// lb's sockmap dataplane handing every connection to the kernel at once
+    /// (`promote_after_bytes: 0`).
+    LbSockmapAtOnce,
     Haproxy,
     Nginx,
 }
 
 impl Peer {
-    pub const ALL: [Peer; 7] = [
+    pub const ALL: [Peer; 8] = [
         Peer::None,
         Peer::Lb,
         Peer::LbSplice,
         Peer::LbCopy,
         Peer::LbSockmap,
+        Peer::LbSockmapAtOnce,
         Peer::Haproxy,
         Peer::Nginx,
     ];
@@ -80,6 +84,7 @@ impl Peer {
             Peer::LbSplice => "lb (splice)",
             Peer::LbCopy => "lb (copy)",
             Peer::LbSockmap => "lb sockmap",
+            Peer::LbSockmapAtOnce => "lb sockmap (at once)",
             Peer::Haproxy => "HAProxy",
             Peer::Nginx => "nginx",
         }
@@ -110,15 +115,21 @@ impl Peer {
             Peer::LbSplice => "lb-splice",
             Peer::LbCopy => "lb-copy",
             Peer::LbSockmap => "lb-sockmap",
+            Peer::LbSockmapAtOnce => "lb-sockmap-at-once",
             Peer::Haproxy => "haproxy",
             _ => "nginx",
         })?;
         let log = dir.join("log.txt");
         let cmd = match self {
-            Peer::Lb | Peer::LbSplice | Peer::LbCopy | Peer::LbSockmap => {
+            Peer::Lb | Peer::LbSplice | Peer::LbCopy | Peer::LbSockmap | Peer::LbSockmapAtOnce => {
                 let conf = dir.join("lb.yaml");
-                let sockmap = self == Peer::LbSockmap;
+                let sockmap = match self {
+                    Peer::LbSockmap => Some(None),
+                    Peer::LbSockmapAtOnce => Some(Some(0)),
+                    _ => None,
+                };
                 std::fs::write(&conf, lb_config(frontend, backends, sockmap))?;
+                let sockmap = sockmap.is_some();
                 let mut cmd = Command::new(&ctx.lb_bin);
                 cmd.args([
                     "--log-level",
@@ -178,14 +189,24 @@ impl Running {
     }
 }
 
-fn lb_config(frontend: SocketAddr, backends: &[SocketAddr], sockmap: bool) -> String {
-    let mut c = if sockmap {
-        format!(
+/// `sockmap`: `Some(promote_after_bytes)` (`None` inside: the default) for the sockmap
+/// dataplane, `None` for the proxy.
+fn lb_config(
+    frontend: SocketAddr,
+    backends: &[SocketAddr],
+    sockmap: Option<Option<u64>>,
+) -> String {
+    let mut c = if let Some(promote) = sockmap {
+        let mut c = format!(
             "# cargo xtask bench: lb's sockmap dataplane, no health checks (like the peers).\n\
-             dataplane:\n  mode: sockmap\n  pin_path: /sys/fs/bpf/lb-bench-{}\n\
-             shutdown_timeout: 1s\nservices:\n  - name: bench\n",
+             dataplane:\n  mode: sockmap\n  pin_path: /sys/fs/bpf/lb-bench-{}\n",
             std::process::id()
-        )
+        );
+        if let Some(bytes) = promote {
+            let _ = writeln!(c, "  sockmap:\n    promote_after_bytes: {bytes}");
+        }
+        c.push_str("shutdown_timeout: 1s\nservices:\n  - name: bench\n");
+        c
     } else {
         String::from(
             "# cargo xtask bench: lb's proxy dataplane, no health checks (like the peers).\n\
