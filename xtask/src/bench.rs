@@ -79,6 +79,7 @@ pub fn bench(runs: usize, seconds: u64, only: Option<&str>) -> anyhow::Result<()
         );
     }
     doc.push_str(&tables);
+    doc.push_str(SOCKMAP_NOTES);
     let path = root().join("docs/benchmarks.md");
     std::fs::write(&path, &doc).with_context(|| format!("cannot write {}", path.display()))?;
     println!("{tables}");
@@ -305,6 +306,38 @@ fn header(
         if dirty { " (with local changes)" } else { "" },
     )
 }
+
+/// Why the sockmap dataplane hands over what it does: the measurements behind the policy
+/// (made by hand while choosing it; the tables above are this run's).
+const SOCKMAP_NOTES: &str = "
+## The sockmap dataplane: which connections go to the kernel
+
+Measured on this machine on 2026-11-26 while choosing the policy (loopback, iperf3 through
+`lb --dataplane sockmap`, whole-machine CPU from /proc/stat):
+
+- The kernel's redirect path (`bpf_sk_redirect_hash` to the peer's egress) sends each skb
+  from a per-socket work queue. With every connection handed over and no back pressure, one
+  iperf3 stream arrived at 5.2 Gbit/s while the verdict program redirected 10.8 Gbit/s into the
+  queue: 3 GB piled up in kernel memory in 4 s (4 GiB in 20 s toward a SIGSTOPped backend),
+  at 1.7 CPU s/GB. The queue has no bound of its own, so lb watches each direction's backlog.
+- Holding a bulk direction in the daemon (the program passes bytes up, lb reads and writes
+  them) bounds memory but moves bytes like the copy relay: 11 Gbit/s, 1.0 CPU s/GB, against
+  27 Gbit/s and 0.49 CPU s/GB for the splice relay.
+- So a connection whose backlog passes 4 MiB (bulk: the kernel falls behind) is handed back
+  to the splice relay; with that, bulk through `lb sockmap` runs at the proxy's rate
+  (24 vs 25.5 Gbit/s, 0.53 vs 0.50 CPU s/GB in the quick run that chose it).
+- Handing every connection over at once (`lb sockmap (at once)`) cost a third of the new
+  connections per second (11.8k vs 17.8k conn/s with 1 thread): four map updates, two
+  socket-option calls and the socket-cookie lookups per connection, for connections that
+  carry one request. Keep-alive request/response traffic through the kernel has a lower
+  p50 and p99 than through the relay (tables above), at a rate within about 20% either way.
+  Hence `promote_after_bytes: 65536`: short connections stay in userspace, long-lived chatty
+  ones are handed over.
+- Verdict: on this kernel sockmap does not beat the splice relay on bulk throughput or CPU per
+  GB; it lowers latency for long-lived request/response connections and frees the daemon from
+  touching their bytes. The default policy keeps it never worse than the proxy dataplane on
+  throughput by handing bulk back.
+";
 
 fn command_line(runs: usize, seconds: u64, only: Option<&str>) -> String {
     let mut c = String::from("cargo xtask bench");
