@@ -65,6 +65,8 @@ pub fn bench(runs: usize, seconds: u64, only: Option<&str>) -> anyhow::Result<()
         })?;
     }
     let elapsed = started.elapsed();
+    // The sockmap peers' maps, which a SIGKILLed lb leaves pinned.
+    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/lb-bench-{}", std::process::id()));
 
     let mut doc = header(&command, runs, seconds, elapsed, &load_before);
     let mut tables = String::new();
