@@ -149,7 +149,7 @@ pub fn tcp_bytes_queued(socket: &impl AsFd) -> io::Result<u64> {
     Ok(u64::from_ne_bytes(acked) + u64::try_from(outq).unwrap_or(0))
 }
 
-/// Data bytes `socket` has received (`tcpi_bytes_received`; a FIN is not counted).
+/// Bytes `socket` has received (`tcpi_bytes_received`): its data, plus one for a FIN.
 pub fn tcp_bytes_received(socket: &impl AsFd) -> io::Result<u64> {
     use std::os::fd::AsRawFd as _;
     const TCP_INFO_LEN: usize = 136;

@@ -397,7 +397,6 @@ impl Sockmap {
             Watched::Bulk => self.demote(&up, &down, pool).await,
         };
         self.forget(cc, cb);
-        drop((up, down));
         if let Err(e) = demote {
             // Bytes may be lost: end the connection with resets rather than corrupt it.
             tracing::warn!(error = %e, "cannot hand a bulk connection back to userspace; resetting it");
@@ -465,6 +464,9 @@ impl Sockmap {
     ) -> io::Result<()> {
         let err = |(DirError::Source(e) | DirError::Dest(e))| e;
         self.drained(dir).await.map_err(err)?;
+        // The passed-up bytes wait in the parked psock's message queue, which a read takes
+        // before the receive queue. (Had the kernel put one on its retry list instead, after
+        // failing a GFP_ATOMIC allocation, a newer byte could be read first; not observed.)
         let mut eof = false;
         loop {
             if !done.load(Relaxed) {
