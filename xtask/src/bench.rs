@@ -339,6 +339,27 @@ Measured on this machine on 2026-11-26 while choosing the policy (loopback, iper
   GB; it lowers latency for long-lived request/response connections and frees the daemon from
   touching their bytes. The default policy keeps it never worse than the proxy dataplane on
   throughput by handing bulk back.
+
+## The proxy dataplane against its targets: what was found
+
+Targets (issue 3): keep-alive req/s and new conn/s >= 1.2x the best peer, bulk >= 0.6x no
+balancer, RSS <= 10 KiB per idle connection. The tables above: RSS 3.7 KiB (met), bulk 0.56x
+no balancer with 1 thread and 0.68x with 2 (1.5x and 1.1x the best peer), keep-alive 0.80x
+and new connections 0.88x the best peer with 1 thread (missed).
+
+Measured by hand on 2026-11-26 (wrk -t1 -c50 keep-alive through one balancer thread to one
+nginx, CPU from /proc/PID/stat, `perf record -g`, `strace -c`):
+
+- lb and HAProxy spend the same CPU per request: 12.7 us (lb 59k req/s, HAProxy 63k in that
+  run). lb makes the minimum of system calls: one recv and one send per message per direction
+  (2.0 recvfrom and 2.0 sendto per request), and one epoll_wait per 15 requests.
+- 68% of lb's CPU is in the kernel: the TCP stack on loopback, where a send also runs the
+  receiver's softirq. The userspace third is tokio's readiness and task machinery (the largest
+  single items: readiness futures 2-3%, clock reads for the idle timer 1.7%, notify 1.8%).
+- So lb is on par with HAProxy and the gap to nginx stream (and to 1.2x) is not in extra system
+  calls; removing all of lb's userspace work would gain at most a third. What is left to try:
+  fewer clock reads per step (coarse activity time), one task per connection polling both
+  directions without re-registering readiness, and measuring nginx's per-request CPU the same way.
 ";
 
 fn command_line(runs: usize, seconds: u64, only: Option<&str>) -> String {
