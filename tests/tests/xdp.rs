@@ -432,7 +432,21 @@ fn xdp_backend_down_moves_new_flows_and_leaves_established_ones() {
     if !lb_tests::privileged("xdp_backend_down_moves_new_flows_and_leaves_established_ones") {
         return;
     }
-    let topo = Topology::new(Replies::ThroughLb);
+    backend_down(Replies::ThroughLb, "nat");
+}
+
+#[test]
+fn xdp_dsr_backend_down_moves_new_flows_and_leaves_established_ones() {
+    if !lb_tests::privileged("xdp_dsr_backend_down_moves_new_flows_and_leaves_established_ones") {
+        return;
+    }
+    backend_down(Replies::Direct, "dsr");
+}
+
+/// A backend going down (health checks) takes new flows off it; an established flow on the
+/// other backend carries on. NAT or DSR.
+fn backend_down(replies: Replies, forwarding: &str) {
+    let topo = Topology::new(replies);
     let stops: Vec<Arc<AtomicBool>> = (0..2).map(|_| Arc::new(AtomicBool::new(false))).collect();
     let servers: Vec<_> = topo
         .backends
@@ -442,7 +456,13 @@ fn xdp_backend_down_moves_new_flows_and_leaves_established_ones() {
         .map(|((ns, name), stop)| backend(ns, name, Arc::clone(stop)))
         .collect();
     let _pass = LbXdp::start(&topo.sw, &topo.lb_peer, "nat", "services: []\n", "starting");
-    let _lb = LbXdp::start(&topo.lb, &topo.lb_if, "nat", WEB, "VIP programmed in XDP");
+    let _lb = LbXdp::start(
+        &topo.lb,
+        &topo.lb_if,
+        forwarding,
+        WEB,
+        "VIP programmed in XDP",
+    );
     thread::sleep(Duration::from_millis(2500));
 
     // An established connection to each backend, kept open by a thread in the client namespace.
@@ -636,7 +656,21 @@ fn xdp_pinned_link_keeps_flows_through_kill_and_restart() {
     if !lb_tests::privileged("xdp_pinned_link_keeps_flows_through_kill_and_restart") {
         return;
     }
-    let topo = Topology::new(Replies::ThroughLb);
+    kill_and_restart(Replies::ThroughLb, "nat");
+}
+
+#[test]
+fn xdp_dsr_pinned_link_keeps_flows_through_kill_and_restart() {
+    if !lb_tests::privileged("xdp_dsr_pinned_link_keeps_flows_through_kill_and_restart") {
+        return;
+    }
+    kill_and_restart(Replies::Direct, "dsr");
+}
+
+/// kill -9, a restart on the same pins, SIGTERM and `--fresh`: a held connection keeps its
+/// backend throughout and new connections work at every step. NAT or DSR.
+fn kill_and_restart(replies: Replies, forwarding: &str) {
+    let topo = Topology::new(replies);
     let stop = Arc::new(AtomicBool::new(false));
     let servers: Vec<_> = topo
         .backends
@@ -645,7 +679,13 @@ fn xdp_pinned_link_keeps_flows_through_kill_and_restart() {
         .map(|(ns, name)| backend(ns, name, Arc::clone(&stop)))
         .collect();
     let _pass = LbXdp::start(&topo.sw, &topo.lb_peer, "nat", "services: []\n", "starting");
-    let mut lb = LbXdp::start(&topo.lb, &topo.lb_if, "nat", WEB, "VIP programmed in XDP");
+    let mut lb = LbXdp::start(
+        &topo.lb,
+        &topo.lb_if,
+        forwarding,
+        WEB,
+        "VIP programmed in XDP",
+    );
     thread::sleep(Duration::from_millis(2500));
     let link = format!("{}/lb/XDP_LINK_native_{}", lb.bpffs, topo.lb_if);
     assert!(
