@@ -589,8 +589,21 @@ fn with_promote_after_bytes_short_connections_stay_in_userspace_and_long_ones_ar
         "after the hand-over the kernel moved the rest: {}",
         metrics.text
     );
+    // The client's FIN is passed on at once (the bytes relayed before the hand-over are
+    // accounted for), and the echo backend's FIN comes back.
+    let fin_sent = Instant::now();
     client.shutdown(Shutdown::Write).unwrap();
     assert!(read_to_eof(&mut client, 16).unwrap().is_empty());
+    assert!(
+        fin_sent.elapsed() < Duration::from_millis(500),
+        "the half-close took {:?} to go round",
+        fin_sent.elapsed()
+    );
+    assert!(
+        !lb.stderr().contains("do not add up"),
+        "lb's byte counts at EOF: {}",
+        lb.stderr()
+    );
     drop(client);
     assert!(wait_until(Duration::from_secs(5), || pins
         .dump("SK_PEERS")

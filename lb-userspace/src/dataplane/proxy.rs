@@ -156,7 +156,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
         let outcome = match &shared.sockmap {
             Some(sockmap) => {
                 let promote = if shared.promote_after == 0 {
-                    relay::Step::Promote
+                    relay::Step::Promote { up: 0, down: 0 }
                 } else {
                     let limits = relay::Limits {
                         idle_timeout: config.idle_timeout,
@@ -175,11 +175,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
                 };
                 match promote {
                     relay::Step::Ended(outcome) => outcome,
-                    relay::Step::Promote => {
+                    relay::Step::Promote { up, down } => {
                         sockmap
                             .relay(
                                 client,
                                 stream,
+                                (up, down),
                                 &shared.pool,
                                 counters,
                                 config.idle_timeout,

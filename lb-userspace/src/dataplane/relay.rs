@@ -90,7 +90,7 @@ pub async fn relay(
     };
     match relay_until(&client, &backend, mode, pool, counters, limits, force_close).await {
         Step::Ended(outcome) => outcome,
-        Step::Promote => unreachable!("no promotion without promote_after"),
+        Step::Promote { .. } => unreachable!("no promotion without promote_after"),
     }
 }
 
@@ -107,8 +107,12 @@ pub struct Limits {
 pub enum Step {
     Ended(Outcome),
     /// `promote_after` bytes have moved and both directions are open, stopped between two
-    /// steps: nothing read is unwritten. The sockets are ready to be handed over.
-    Promote,
+    /// steps: nothing read is unwritten. The sockets are ready to be handed over. The bytes
+    /// this relay read from the client (`up`) and from the backend (`down`).
+    Promote {
+        up: u64,
+        down: u64,
+    },
 }
 
 /// [`relay`] on borrowed sockets, which may stop early to promote the connection (see
@@ -132,11 +136,23 @@ pub async fn relay_until(
         asked: AtomicBool::new(false),
         ask: Notify::new(),
     };
+    // What this relay moved each way, beside the backend's shared totals.
+    let (moved_up, moved_down) = (AtomicU64::new(0), AtomicU64::new(0));
     let dir = |src, dst, bytes, promote| {
         direction(src, dst, mode, pool, bytes, &activity, start, promote)
     };
-    let up = dir(client, backend, counters.to_backend, Some(&promote));
-    let down = dir(backend, client, counters.to_client, Some(&promote));
+    let up = dir(
+        client,
+        backend,
+        [counters.to_backend, &moved_up],
+        Some(&promote),
+    );
+    let down = dir(
+        backend,
+        client,
+        [counters.to_client, &moved_down],
+        Some(&promote),
+    );
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let (mut up_paused, mut down_paused) = (false, false);
@@ -164,16 +180,24 @@ pub async fn relay_until(
             () = force_close.cancelled() => return Step::Ended(Outcome::Shutdown),
         }
         if up_paused && down_paused {
-            return Step::Promote;
+            return Step::Promote {
+                up: moved_up.load(Relaxed),
+                down: moved_down.load(Relaxed),
+            };
         }
         // One direction ended while the other stopped for a promotion: too late to hand the
         // connection over (its FIN is passed on already); the other carries on here.
         if up_paused && down_done {
-            up.set(dir(client, backend, counters.to_backend, None));
+            up.set(dir(client, backend, [counters.to_backend, &moved_up], None));
             up_paused = false;
         }
         if down_paused && up_done {
-            down.set(dir(backend, client, counters.to_client, None));
+            down.set(dir(
+                backend,
+                client,
+                [counters.to_client, &moved_down],
+                None,
+            ));
             down_paused = false;
         }
         if up_done && down_done {
@@ -213,7 +237,7 @@ async fn direction(
     dst: &TcpStream,
     mode: RelayMode,
     pool: &PipePool,
-    bytes: &AtomicU64,
+    bytes: [&AtomicU64; 2],
     activity: &AtomicU64,
     start: Instant,
     promote: Option<&Promotion>,
@@ -246,7 +270,9 @@ async fn direction(
             None => continue,
             Some(0) => break,
             Some(n) => {
-                bytes.fetch_add(n as u64, Relaxed);
+                for b in bytes {
+                    b.fetch_add(n as u64, Relaxed);
+                }
                 touch(activity, start);
                 if mode == RelayMode::Adaptive {
                     // Bulk while a read fills the copy buffer; small again below it.

@@ -343,10 +343,17 @@ impl Sockmap {
     /// end, a side fails, the connection idles out, or `force_close` fires. Bytes already
     /// written to the backend (the PROXY header) are accounted for. When the pair cannot be
     /// handed over it is relayed in userspace ([`relay::relay`]), counted in `kept`.
+    /// `relayed_before`: the bytes the userspace relay read from the client and from the
+    /// backend before the hand-over.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a connection's whole context, as for relay::relay"
+    )]
     pub async fn relay(
         &self,
         client: TcpStream,
         backend: TcpStream,
+        relayed_before: (u64, u64),
         pool: &PipePool,
         counters: Counters<'_>,
         idle_timeout: Duration,
@@ -380,8 +387,9 @@ impl Sockmap {
             }
         };
         self.handed.fetch_add(1, Relaxed);
-        let up = Dir::new(&client, &backend, cc, backend_base, counters.to_backend);
-        let down = Dir::new(&backend, &client, cb, client_base, counters.to_client);
+        let mut up = Dir::new(&client, &backend, cc, backend_base, counters.to_backend);
+        let mut down = Dir::new(&backend, &client, cb, client_base, counters.to_client);
+        (up.read_before, down.read_before) = relayed_before;
         let watched = self
             .watch(&up, &down, pool, idle_timeout, force_close)
             .await;
@@ -562,10 +570,11 @@ impl Sockmap {
             let peer = self
                 .peer(dir.src_cookie)
                 .map_err(|e| source(io::Error::other(e)))?;
-            // A FIN counts as one byte in `tcpi_bytes_received`.
+            // A FIN counts as one byte in `tcpi_bytes_received`; bytes read before the
+            // hand-over never went through the program.
             let received = sys::tcp_bytes_received(dir.src)
                 .map_err(source)?
-                .saturating_sub(1);
+                .saturating_sub(1 + dir.read_before);
             let seen = peer.bytes + peer.passed_bytes >= received;
             if seen && peer.passed_bytes <= dir.copied.load(Relaxed) {
                 return Ok(true);
@@ -767,6 +776,9 @@ struct Dir<'a> {
     bytes: &'a AtomicU64,
     /// Held for back pressure: the program passes every byte up.
     held: AtomicBool,
+    /// Bytes the userspace relay read from `src` before the hand-over (`promote_after_bytes`):
+    /// in `tcpi_bytes_received`, never seen by the program.
+    read_before: u64,
     /// In the middle of relaying passed-up bytes (read, not yet all written).
     busy: AtomicBool,
 }
@@ -795,6 +807,7 @@ impl<'a> Dir<'a> {
             counted: AtomicU64::new(0),
             bytes,
             held: AtomicBool::new(false),
+            read_before: 0,
             busy: AtomicBool::new(false),
         }
     }
@@ -861,6 +874,7 @@ impl Sockmap {
         let relay = self.relay(
             lb_client,
             lb_backend,
+            (0, 0),
             pool,
             counters,
             Duration::from_secs(30),
