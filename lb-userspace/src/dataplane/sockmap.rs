@@ -147,10 +147,6 @@ impl Drop for Sockmap {
                 let _ = std::fs::remove_file(path);
             }
         }
-        // The directory too, if nothing else is pinned there (fails otherwise).
-        if let Some(dir) = self.pinned.first().and_then(|(p, _)| p.parent()) {
-            let _ = std::fs::remove_dir(dir);
-        }
     }
 }
 
@@ -960,6 +956,15 @@ fn pin(map: &Map, path: &Path, name: &'static str) -> Result<(), SockmapError> {
             {
                 tries += 1;
                 let _ = std::fs::remove_file(path);
+            }
+            // The directory went away under us (someone removed it): make it again.
+            Err(aya::pin::PinError::SyscallError(e))
+                if e.io_error.kind() == io::ErrorKind::NotFound && tries < 3 =>
+            {
+                tries += 1;
+                if let Some(dir) = path.parent() {
+                    create_pin_dir(dir)?;
+                }
             }
             Err(source) => {
                 return Err(SockmapError::Pin {
