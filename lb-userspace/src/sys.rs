@@ -113,49 +113,32 @@ pub fn drop_privileges(run_as: Option<&str>, keep: &[caps::Capability]) -> io::R
 /// truth, never larger, so "at least N bytes have been queued" is never claimed early.
 pub fn tcp_bytes_queued(socket: &impl AsFd) -> io::Result<u64> {
     use std::os::fd::AsRawFd as _;
-    // struct tcp_info up to and including tcpi_bytes_received (linux/tcp.h, stable ABI).
-    const TCP_INFO_LEN: usize = 136;
-    const BYTES_ACKED_AT: usize = 120;
-    let fd = socket.as_fd().as_raw_fd();
-    let mut info = [0u8; TCP_INFO_LEN];
-    let mut len = TCP_INFO_LEN as libc::socklen_t;
-    // SAFETY: `info` is a writable buffer of `len` bytes that outlives the call, and `len`
-    // is a valid socklen_t the kernel updates with the size it wrote.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if (len as usize) < BYTES_ACKED_AT + 8 {
-        return Err(io::Error::other(
-            "kernel's tcp_info has no tcpi_bytes_acked",
-        ));
-    }
-    let mut acked = [0u8; 8];
-    acked.copy_from_slice(&info[BYTES_ACKED_AT..BYTES_ACKED_AT + 8]);
+    let acked = tcp_info_u64(socket, TCPI_BYTES_ACKED)?;
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int through the pointer, which is valid for the call.
-    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) };
+    let rc = unsafe { libc::ioctl(socket.as_fd().as_raw_fd(), libc::TIOCOUTQ, &mut outq) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(u64::from_ne_bytes(acked) + u64::try_from(outq).unwrap_or(0))
+    Ok(acked + u64::try_from(outq).unwrap_or(0))
 }
 
 /// Bytes `socket` has received (`tcpi_bytes_received`): its data, plus one for a FIN.
 pub fn tcp_bytes_received(socket: &impl AsFd) -> io::Result<u64> {
+    tcp_info_u64(socket, TCPI_BYTES_RECEIVED)
+}
+
+/// Offsets in `struct tcp_info` (linux/tcp.h, a stable ABI).
+const TCPI_BYTES_ACKED: usize = 120;
+const TCPI_BYTES_RECEIVED: usize = 128;
+
+/// The `u64` field at byte offset `at` of the socket's `struct tcp_info`.
+fn tcp_info_u64(socket: &impl AsFd, at: usize) -> io::Result<u64> {
     use std::os::fd::AsRawFd as _;
-    const TCP_INFO_LEN: usize = 136;
-    const BYTES_RECEIVED_AT: usize = 128;
-    let mut info = [0u8; TCP_INFO_LEN];
-    let mut len = TCP_INFO_LEN as libc::socklen_t;
+    // Up to and including tcpi_bytes_received.
+    const LEN: usize = 136;
+    let mut info = [0u8; LEN];
+    let mut len = LEN as libc::socklen_t;
     // SAFETY: `info` is a writable buffer of `len` bytes that outlives the call, and `len`
     // is a valid socklen_t the kernel updates with the size it wrote.
     let rc = unsafe {
@@ -170,13 +153,13 @@ pub fn tcp_bytes_received(socket: &impl AsFd) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    if (len as usize) < TCP_INFO_LEN {
-        return Err(io::Error::other(
-            "kernel's tcp_info has no tcpi_bytes_received",
-        ));
+    if (len as usize) < at + 8 {
+        return Err(io::Error::other(format!(
+            "this kernel's tcp_info is {len} bytes; the field at {at} is missing"
+        )));
     }
     let mut v = [0u8; 8];
-    v.copy_from_slice(&info[BYTES_RECEIVED_AT..BYTES_RECEIVED_AT + 8]);
+    v.copy_from_slice(&info[at..at + 8]);
     Ok(u64::from_ne_bytes(v))
 }
 

@@ -120,14 +120,11 @@ fn select(only: Option<&str>) -> anyhow::Result<(Vec<Figure>, Vec<Peer>)> {
     }
     figures.sort();
     let peers = if relay_only {
-        vec![
-            Peer::None,
-            Peer::Lb,
-            Peer::LbSplice,
-            Peer::LbCopy,
-            Peer::LbSockmap,
-            Peer::LbSockmapAtOnce,
-        ]
+        // lb's own variants and the limit: every peer but the other balancers.
+        Peer::ALL
+            .into_iter()
+            .filter(|p| !p.is_other_balancer())
+            .collect()
     } else {
         Peer::ALL.to_vec()
     };

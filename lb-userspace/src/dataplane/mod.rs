@@ -54,6 +54,15 @@ pub enum ChooseError {
     Unavailable { mode: &'static str, why: String },
 }
 
+/// Creates a pin directory on a bpffs, mode 0700 (maps hold connection and flow state).
+fn create_pin_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// The whole error chain on one line.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();

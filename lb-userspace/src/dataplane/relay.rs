@@ -141,17 +141,14 @@ pub async fn relay_until(
     let dir = |src, dst, bytes, promote| {
         direction(src, dst, mode, pool, bytes, &activity, start, promote)
     };
-    let up = dir(
-        client,
-        backend,
-        [counters.to_backend, &moved_up],
-        Some(&promote),
-    );
+    // Without a threshold the directions never look at `promote` (no per-step cost).
+    let promoting = limits.promote_after.map(|_| &promote);
+    let up = dir(client, backend, [counters.to_backend, &moved_up], promoting);
     let down = dir(
         backend,
         client,
         [counters.to_client, &moved_down],
-        Some(&promote),
+        promoting,
     );
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
@@ -223,7 +220,7 @@ enum DirEnd {
 }
 
 /// Arms a reset toward `peer` (sent when the relay drops the sockets) and reports.
-fn fail(peer: &TcpStream, outcome: Outcome, error: &io::Error) -> Outcome {
+pub(super) fn fail(peer: &TcpStream, outcome: Outcome, error: &io::Error) -> Outcome {
     tracing::debug!(?outcome, %error, "relay ended by a failure; resetting the other side");
     sys::reset_on_close(peer);
     outcome

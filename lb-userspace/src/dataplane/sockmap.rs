@@ -14,10 +14,13 @@
 //!    passed-up bytes only once every redirected byte before them has reached the peer.
 //! 4. back pressure: the kernel's redirect queue has no bound of its own (measured here:
 //!    4 GiB in 20 s toward a frozen backend). The daemon watches each direction's backlog
-//!    (bytes redirected that have not reached the peer's send queue); past 4 MiB it holds the
-//!    direction (`SK_CTRL.hold`): bytes are passed up, where they count against the socket's
-//!    receive buffer, so TCP's window closes on the sender, and the daemon relays them as
-//!    the peer takes them. Below 1 MiB it lets the kernel redirect again.
+//!    (bytes redirected that have not reached the peer's send queue). Past 4 MiB the
+//!    connection is bulk: both sockets are parked in `SK_PARK`, leave `SK_SOCKS`, their
+//!    queues drain in order, and the splice relay takes over ([`Sockmap::demote`]). A socket
+//!    that has seen a FIN cannot be parked; then the direction is held (`SK_CTRL.hold`):
+//!    bytes are passed up, where they count against the socket's receive buffer, so TCP's
+//!    window closes on the sender, and the daemon relays them as the peer takes them. Below
+//!    1 MiB the kernel redirects again.
 //! 5. EOF on one socket: once every byte it received has reached the other socket's send
 //!    queue (the program's byte count against the peer's `tcpi_bytes_acked` + SIOCOUTQ), the
 //!    FIN is passed on with `shutdown(SHUT_WR)`; the other direction keeps flowing.
@@ -47,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     pipes::PipePool,
-    relay::{self, Counters, DirError, Outcome},
+    relay::{self, Counters, DirError, Outcome, fail},
 };
 use crate::sys;
 
@@ -55,7 +58,7 @@ use crate::sys;
 static SOCKMAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-sockmap"));
 
 /// The maps this dataplane pins under `pin_path`.
-pub const MAP_NAMES: [&str; 5] = [
+const MAP_NAMES: [&str; 5] = [
     names::SK_SOCKS,
     names::SK_PARK,
     names::SK_PEERS,
@@ -373,7 +376,7 @@ impl Sockmap {
                 return relay::relay(
                     client,
                     backend,
-                    relay::RelayMode::Copy,
+                    relay::RelayMode::Adaptive,
                     pool,
                     counters,
                     idle_timeout,
@@ -383,9 +386,23 @@ impl Sockmap {
             }
         };
         self.handed.fetch_add(1, Relaxed);
-        let mut up = Dir::new(&client, &backend, cc, backend_base, counters.to_backend);
-        let mut down = Dir::new(&backend, &client, cb, client_base, counters.to_client);
-        (up.read_before, down.read_before) = relayed_before;
+        let (up_before, down_before) = relayed_before;
+        let up = Dir::new(
+            &client,
+            &backend,
+            cc,
+            backend_base,
+            up_before,
+            counters.to_backend,
+        );
+        let down = Dir::new(
+            &backend,
+            &client,
+            cb,
+            client_base,
+            down_before,
+            counters.to_client,
+        );
         let watched = self
             .watch(&up, &down, pool, idle_timeout, force_close)
             .await;
@@ -646,23 +663,26 @@ impl Sockmap {
                         if done {
                             continue;
                         }
-                        match self.backlog(dir, kernel) {
-                            // Bulk: the kernel falls behind. The splice relay moves bulk
-                            // faster and cheaper (docs/benchmarks.md): hand the connection
-                            // back, at a moment when neither direction holds bytes.
-                            Ok(b) if b > BACKLOG_HIGH
-                                && !up_done
-                                && !down_done
-                                && !up.busy.load(Relaxed)
-                                && !down.busy.load(Relaxed)
-                                && self.park(up, down) =>
-                            {
-                                return Watched::Bulk;
+                        let backlog = match self.backlog(dir, kernel) {
+                            Ok(b) => b,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "sockmap backlog");
+                                continue;
                             }
-                            Ok(_) => {}
-                            Err(e) => tracing::debug!(error = %e, "sockmap backlog"),
+                        };
+                        // Bulk: the kernel falls behind. The splice relay moves bulk faster
+                        // and cheaper (docs/benchmarks.md): hand the connection back, at a
+                        // moment when neither direction holds bytes.
+                        if backlog > BACKLOG_HIGH
+                            && !up_done
+                            && !down_done
+                            && !up.busy.load(Relaxed)
+                            && !down.busy.load(Relaxed)
+                            && self.park(up, down)
+                        {
+                            return Watched::Bulk;
                         }
-                        if let Err(e) = self.pressure(dir, kernel) {
+                        if let Err(e) = self.pressure(dir, backlog) {
                             tracing::warn!(error = %crate::dataplane::chain(&e), "sockmap back pressure");
                         }
                         held |= dir.held.load(Relaxed);
@@ -685,10 +705,10 @@ impl Sockmap {
         }
     }
 
-    /// Holds `dir` when its peer has fallen [`BACKLOG_HIGH`] behind, lets it go below
-    /// [`BACKLOG_LOW`]: the kernel's redirect queue has no bound of its own.
-    fn pressure(&self, dir: &Dir<'_>, kernel: u64) -> Result<(), SockmapError> {
-        let backlog = self.backlog(dir, kernel).map_err(SockmapError::Socket)?;
+    /// Holds `dir` when its peer has fallen [`BACKLOG_HIGH`] behind (and the connection
+    /// could not be handed back), lets it go below [`BACKLOG_LOW`]: the kernel's redirect
+    /// queue has no bound of its own.
+    fn pressure(&self, dir: &Dir<'_>, backlog: u64) -> Result<(), SockmapError> {
         let held = dir.held.load(Relaxed);
         if !held && backlog > BACKLOG_HIGH {
             tracing::debug!(backlog, "peer lags behind: holding the direction");
@@ -792,6 +812,7 @@ impl<'a> Dir<'a> {
         dst: &'a TcpStream,
         src_cookie: u64,
         dst_base: u64,
+        read_before: u64,
         bytes: &'a AtomicU64,
     ) -> Dir<'a> {
         Dir {
@@ -803,16 +824,10 @@ impl<'a> Dir<'a> {
             counted: AtomicU64::new(0),
             bytes,
             held: AtomicBool::new(false),
-            read_before: 0,
+            read_before,
             busy: AtomicBool::new(false),
         }
     }
-}
-
-fn fail(peer: &TcpStream, outcome: Outcome, error: &io::Error) -> Outcome {
-    tracing::debug!(?outcome, %error, "sockmap relay ended by a failure; resetting the other side");
-    sys::reset_on_close(peer);
-    outcome
 }
 
 impl Sockmap {
@@ -995,21 +1010,15 @@ where
     T::try_from(map).map_err(|source| SockmapError::Map { name, source })
 }
 
-/// Creates the pin directory (mode 0700) on a bpffs.
 fn create_pin_dir(dir: &Path) -> Result<(), SockmapError> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| SockmapError::PinDir {
-            path: dir.to_owned(),
-            source,
-        })
+    super::create_pin_dir(dir).map_err(|source| SockmapError::PinDir {
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 /// Removes the sockmap pins under `dir` (a previous daemon's; its sockets are gone).
-pub fn remove_pins(dir: &Path) -> Result<(), SockmapError> {
+fn remove_pins(dir: &Path) -> Result<(), SockmapError> {
     for name in MAP_NAMES {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {

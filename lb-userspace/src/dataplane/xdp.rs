@@ -1117,15 +1117,10 @@ fn key_addr(key: &ServiceKey) -> SocketAddr {
 
 /// Creates the pin directory (mode 0700: maps hold flow state) on a bpffs.
 fn create_pin_dir(dir: &Path) -> Result<(), XdpError> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| XdpError::PinDir {
-            path: dir.to_owned(),
-            source,
-        })
+    super::create_pin_dir(dir).map_err(|source| XdpError::PinDir {
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]
