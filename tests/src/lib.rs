@@ -9,6 +9,7 @@
 //! - [`stream`]: pseudo-random byte streams checked byte for byte, sha256 of long streams,
 //!   client helpers with timeouts, bounded waits, the open-files limit.
 //! - [`netns`]: network namespaces and veth pairs (privileged tests).
+//! - [`topology`]: the xdp topology (client, lb, two backends on a bridge), for tests and bench.
 //! - [`admin`]: lb with an admin API ([`admin::AdminLb`]), configs with weights, health checks
 //!   and tokens (YAML edits), `/status` as JSON, `/metrics` parsed as Prometheus text.
 //! - [`load`]: steady client load (echo exchanges), counting failures.
@@ -25,6 +26,7 @@ pub mod lb;
 pub mod load;
 pub mod netns;
 pub mod stream;
+pub mod topology;
 
 /// Whether a privileged test may run. Prints why not, and panics under `CI=true`.
 pub fn privileged(test: &str) -> bool {

@@ -14,6 +14,7 @@ mod figures;
 mod peers;
 mod procs;
 mod report;
+mod xdp;
 
 use std::{
     fmt::Write as _,
@@ -37,7 +38,7 @@ const HTTP_BACKEND_WORKERS: usize = 2;
 const HTTP_BACKEND_PORTS: usize = 3;
 
 pub fn bench(runs: usize, seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
-    let (figures, peers) = select(only)?;
+    let (figures, peers, with_xdp) = select(only)?;
     let runs = runs.max(1);
     let seconds = seconds.max(1);
     let command = command_line(runs, seconds, only);
@@ -67,6 +68,21 @@ pub fn bench(runs: usize, seconds: u64, only: Option<&str>) -> anyhow::Result<()
     let elapsed = started.elapsed();
     // The sockmap peers' maps, which a SIGKILLed lb leaves pinned.
     let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/lb-bench-{}", std::process::id()));
+    if with_xdp {
+        let xdp_started = Instant::now();
+        let section = step("bench: xdp on the namespace topology", || {
+            xdp::bench(&ctx.lb_bin, tmp.path(), &THREADS, runs, seconds)
+        });
+        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/lb-bench-{}", std::process::id()));
+        let mut doc = header(&command, runs, seconds, xdp_started.elapsed(), &load_before);
+        doc.push_str(&section?);
+        let path = root().join("docs/benchmarks-xdp.md");
+        std::fs::write(&path, &doc).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("{doc}\nbench: xdp written to {}", path.display());
+    }
+    if figures.is_empty() {
+        return Ok(());
+    }
 
     let mut doc = header(&command, runs, seconds, elapsed, &load_before);
     let mut tables = String::new();
@@ -95,9 +111,12 @@ pub fn bench(runs: usize, seconds: u64, only: Option<&str>) -> anyhow::Result<()
 }
 
 /// `--only`: figure keys; `relay` narrows the peers to lb's two relays and no balancer.
-fn select(only: Option<&str>) -> anyhow::Result<(Vec<Figure>, Vec<Peer>)> {
+/// The loopback figures and peers `--only` asks for, and whether the xdp topology bench runs
+/// (by default: everything).
+fn select(only: Option<&str>) -> anyhow::Result<(Vec<Figure>, Vec<Peer>, bool)> {
     let mut figures = Vec::new();
     let mut relay_only = false;
+    let mut with_xdp = only.is_none();
     for key in only.unwrap_or("").split(',').map(str::trim) {
         if key.is_empty() {
             continue;
@@ -106,16 +125,21 @@ fn select(only: Option<&str>) -> anyhow::Result<(Vec<Figure>, Vec<Peer>)> {
             relay_only = true;
             continue;
         }
+        if key == "xdp" {
+            with_xdp = true;
+            continue;
+        }
         match Figure::ALL.iter().find(|f| f.key() == key) {
             Some(f) if !figures.contains(f) => figures.push(*f),
             Some(_) => {}
             None => bail!(
                 "--only: unknown figure {key:?}; figures are rr, conn, bulk, rss \
-                 (and relay: only lb's relays, lb sockmap and no balancer)"
+                 (and relay: only lb's relays, lb sockmap and no balancer; xdp: the xdp \
+                 dataplane on a namespace topology)"
             ),
         }
     }
-    if figures.is_empty() {
+    if figures.is_empty() && !(with_xdp && only.is_some()) {
         figures = Figure::ALL.to_vec();
     }
     figures.sort();
@@ -128,7 +152,7 @@ fn select(only: Option<&str>) -> anyhow::Result<(Vec<Figure>, Vec<Peer>)> {
     } else {
         Peer::ALL.to_vec()
     };
-    Ok((figures, peers))
+    Ok((figures, peers, with_xdp))
 }
 
 /// The backends a figure's peers balance to.

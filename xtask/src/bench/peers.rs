@@ -176,6 +176,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// A balancer already running (`proc`), or none, in front of `frontend`.
+    pub fn new(frontend: SocketAddr, proc: Option<Proc>) -> Running {
+        Running { frontend, proc }
+    }
+
     /// The balancer's processes (empty for no balancer).
     pub fn pids(&self) -> Vec<u32> {
         self.proc.as_ref().map(Proc::pids).unwrap_or_default()
@@ -279,6 +284,26 @@ fn nginx_command(dir: &Path, config: &str) -> anyhow::Result<Command> {
     Ok(cmd)
 }
 
+/// nginx answering every GET with a 3-byte body on `addrs`, keep-alive without a request
+/// limit; its files in `dir`.
+pub fn nginx_http_config(dir: &Path, workers: usize, addrs: &[SocketAddr]) -> String {
+    let mut c = nginx_main(dir, workers);
+    let _ = write!(
+        c,
+        "http {{\n    access_log off;\n    keepalive_requests 100000000;\n\
+             \x20   keepalive_timeout 1h;\n    default_type text/plain;\n\
+             \x20   client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n\
+             \x20   fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n\
+             \x20   scgi_temp_path {d}/scgi;\n    server {{\n",
+        d = dir.display()
+    );
+    for a in addrs {
+        let _ = writeln!(c, "        listen {a};");
+    }
+    c.push_str("        location / {\n            return 200 \"ok\\n\";\n        }\n    }\n}\n");
+    c
+}
+
 /// nginx serving a 3-byte body on `ports` ports, keep-alive without a request limit.
 pub struct HttpBackends {
     pub addrs: Vec<SocketAddr>,
@@ -291,22 +316,7 @@ impl HttpBackends {
         let addrs = (0..ports)
             .map(|_| ctx.ports.take())
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let mut c = nginx_main(&dir, workers);
-        let _ = write!(
-            c,
-            "http {{\n    access_log off;\n    keepalive_requests 100000000;\n\
-             \x20   keepalive_timeout 1h;\n    default_type text/plain;\n\
-             \x20   client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n\
-             \x20   fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n\
-             \x20   scgi_temp_path {d}/scgi;\n    server {{\n",
-            d = dir.display()
-        );
-        for a in &addrs {
-            let _ = writeln!(c, "        listen {a};");
-        }
-        c.push_str(
-            "        location / {\n            return 200 \"ok\\n\";\n        }\n    }\n}\n",
-        );
+        let c = nginx_http_config(&dir, workers, &addrs);
         let mut proc = Proc::spawn(
             "nginx (HTTP backends)",
             nginx_command(&dir, &c)?,

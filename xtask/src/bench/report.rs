@@ -11,7 +11,7 @@ use super::{
 /// Every run's outcome, per figure, thread count and peer.
 pub type Results = BTreeMap<(Figure, usize, Peer), Vec<Result<Sample, String>>>;
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -25,7 +25,7 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 }
 
 /// The per-metric medians of the successful runs.
-fn medians(runs: &[Result<Sample, String>], metrics: usize) -> Option<Vec<f64>> {
+pub fn medians(runs: &[Result<Sample, String>], metrics: usize) -> Option<Vec<f64>> {
     let ok: Vec<&Sample> = runs.iter().filter_map(|r| r.as_ref().ok()).collect();
     if ok.is_empty() {
         return None;
@@ -35,7 +35,7 @@ fn medians(runs: &[Result<Sample, String>], metrics: usize) -> Option<Vec<f64>> 
         .collect()
 }
 
-fn number(v: f64, decimals: usize) -> String {
+pub fn number(v: f64, decimals: usize) -> String {
     if decimals > 0 {
         return format!("{v:.decimals$}");
     }
