@@ -180,11 +180,17 @@ pub enum Event {
     NatReply = 5,
     /// A non-TCP packet to a VIP address (ICMP, UDP, ...): passed to the stack.
     VipNotTcp = 6,
+    /// A flow-table miss on a packet without SYN (also counted in [`Event::FlowMiss`]): a
+    /// connection already under way whose entry is gone. The LRU flow table evicts silently
+    /// when full, so this is how evictions show (Katran counts the same "LRU miss on
+    /// non-SYN"); a flow that began before the program was attached counts here once too.
+    /// The flow is placed again by Maglev: the same backend unless the table changed.
+    FlowMissNotSyn = 7,
 }
 
 impl Event {
     /// Every event, in key order.
-    pub const ALL: [Event; 7] = [
+    pub const ALL: [Event; 8] = [
         Event::FlowHit,
         Event::FlowMiss,
         Event::FlowInsert,
@@ -192,9 +198,11 @@ impl Event {
         Event::FlowRepick,
         Event::NatReply,
         Event::VipNotTcp,
+        Event::FlowMissNotSyn,
     ];
-    /// Number of entries in [`names::XDP_EVENTS`].
-    pub const COUNT: u32 = 7;
+    /// Number of entries in [`names::XDP_EVENTS`]. A build that counts more events finds a
+    /// smaller pinned map and replaces it (counters only; flows and tables are kept).
+    pub const COUNT: u32 = 8;
 
     /// The label used in metrics and logs.
     pub const fn label(self) -> &'static str {
@@ -206,6 +214,7 @@ impl Event {
             Event::FlowRepick => "flow_repick",
             Event::NatReply => "nat_reply",
             Event::VipNotTcp => "vip_not_tcp",
+            Event::FlowMissNotSyn => "flow_miss_not_syn",
         }
     }
 }

@@ -364,6 +364,11 @@ fn forward(eth: usize, p: &Tcp, service: &Service) -> Result<u32, DropReason> {
         },
         None => {
             event(Event::FlowMiss);
+            if p.flags & TCP_SYN == 0 {
+                // Under way, yet no entry: evicted (the table is too small), or older
+                // than the program.
+                event(Event::FlowMissNotSyn);
+            }
             let (id, backend) = pick(service, p)?;
             (id, backend, true)
         }

@@ -1005,12 +1005,24 @@ fn expected_shape(name: &str, meta: &LbMeta) -> (MapType, usize, usize, u32) {
 /// On a mismatch, `fresh` removes the pins; otherwise it is an error. Returns the names
 /// that are (still) pinned.
 fn check_layout(pin_dir: &Path, want: &LbMeta, fresh: bool) -> Result<Vec<&'static str>, XdpError> {
-    let existing: Vec<&'static str> = MAP_NAMES
+    let mut existing: Vec<&'static str> = MAP_NAMES
         .into_iter()
         .filter(|name| pin_dir.join(name).exists())
         .collect();
     if existing.is_empty() {
         return Ok(existing);
+    }
+    // Counters are not state: a counters map of another size (a build that counts more
+    // verdicts, reasons or events) is replaced and its counts start again from zero, while
+    // the flows and tables are kept. The program still attached keeps counting into the
+    // old map until the new one replaces it.
+    for name in COUNTER_MAPS {
+        if existing.contains(&name) && shape_differs(pin_dir, name, want) {
+            let path = pin_dir.join(name);
+            tracing::warn!(map = name, pin = %path.display(), "pinned counters map of another size: replaced, its counts restart from zero (flows and tables are kept)");
+            std::fs::remove_file(&path).map_err(|source| XdpError::Unpin { path, source })?;
+            existing.retain(|n| *n != name);
+        }
     }
     let Err(why) = pinned_layout_matches(pin_dir, want, &existing) else {
         return Ok(existing);
@@ -1027,6 +1039,22 @@ fn check_layout(pin_dir: &Path, want: &LbMeta, fresh: bool) -> Result<Vec<&'stat
         std::fs::remove_file(&path).map_err(|source| XdpError::Unpin { path, source })?;
     }
     Ok(Vec::new())
+}
+
+/// The per-CPU counter maps, which [`check_layout`] may replace.
+const COUNTER_MAPS: [&str; 3] = [names::XDP_STATS, names::XDP_DROPS, names::XDP_EVENTS];
+
+/// Whether the map pinned as `name` has another type or size than `want` asks for (one that
+/// cannot be read says so too).
+fn shape_differs(pin_dir: &Path, name: &str, want: &LbMeta) -> bool {
+    let Ok(info) = MapInfo::from_pin(pin_dir.join(name)) else {
+        return true;
+    };
+    let (kind, key, value, entries) = expected_shape(name, want);
+    info.map_type().ok() != Some(kind)
+        || info.key_size() as usize != key
+        || info.value_size() as usize != value
+        || info.max_entries() != entries
 }
 
 fn pinned_layout_matches(pin_dir: &Path, want: &LbMeta, existing: &[&str]) -> Result<(), String> {

@@ -400,7 +400,11 @@ impl Bpffs {
             .args(["-t", "bpf", "bpf"])
             .arg(dir)
             .status()?;
-        anyhow::ensure!(status.success(), "cannot mount a bpffs on {}", dir.display());
+        anyhow::ensure!(
+            status.success(),
+            "cannot mount a bpffs on {}",
+            dir.display()
+        );
         Ok(Bpffs(dir.to_owned()))
     }
 }

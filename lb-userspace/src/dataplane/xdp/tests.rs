@@ -906,6 +906,33 @@ fn xdp_pinned_maps_survive_a_reload_and_another_layout_is_refused() {
         assert_eq!(dp.run_frame(&reply.frame(), 1).unwrap().0, XDP_TX);
         assert_eq!(dp.counters().unwrap().event(Event::FlowMiss), 1);
     }
+    // A counters map of another size (an older build counting fewer events) is replaced;
+    // the flows are kept.
+    std::fs::remove_file(pin_dir.join(names::XDP_EVENTS)).unwrap();
+    let older = pin_dir.join(names::XDP_EVENTS);
+    sh(&[
+        "bpftool",
+        "map",
+        "create",
+        older.to_str().unwrap(),
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        "7",
+        "name",
+        names::XDP_EVENTS,
+    ]);
+    {
+        let dp = XdpDataplane::load(&pin_dir, &options()).unwrap();
+        assert_eq!(dp.lookup(sa(CLIENT), sa(VIP)).unwrap(), Some(1));
+        assert_eq!(dp.counters().unwrap().event(Event::FlowMiss), 0);
+        let info = MapInfo::from_pin(pin_dir.join(names::XDP_EVENTS)).unwrap();
+        assert_eq!(info.max_entries(), Event::COUNT);
+    }
     // Other sizes: refused, and nothing is changed.
     let bigger = XdpOptions {
         flow_table_size: 8192,
@@ -940,6 +967,54 @@ fn xdp_pinned_maps_survive_a_reload_and_another_layout_is_refused() {
     assert_eq!(dp.lookup(sa(CLIENT), sa(VIP)).unwrap(), None);
     drop(dp);
     std::fs::remove_dir_all(&pin_dir).unwrap();
+}
+
+/// The LRU flow table evicts silently when full; the connections that lose their entry show
+/// up as misses without SYN when their next packet comes.
+#[test]
+fn xdp_evicted_flows_are_counted_as_misses_without_syn() {
+    let Some(mut f) = Fixture::with(
+        "xdp_evict",
+        &XdpOptions {
+            flow_table_size: 512,
+            ..options()
+        },
+    ) else {
+        return;
+    };
+    f.backends(&[1, 2]);
+    f.dp.set_service(
+        sa(VIP),
+        0,
+        Forwarding::Dsr,
+        ClientHash::IpPort,
+        &table(&[1, 2], 257),
+    )
+    .unwrap();
+    let client = |port: u16| SocketAddr::new(Ipv4Addr::new(192, 0, 2, 7).into(), port);
+    // Four times the table's size in new connections (SYN): misses, but none without SYN.
+    for port in 0..2048u16 {
+        let syn = Pkt {
+            tcp_flags: TCP_SYN,
+            ..Pkt::tcp(client(20_000 + port), sa(VIP))
+        };
+        assert_eq!(f.run(&syn.frame()).0, XDP_TX);
+    }
+    let c = f.dp.counters().unwrap();
+    assert_eq!(c.event(Event::FlowMiss), 2048);
+    assert_eq!(c.event(Event::FlowMissNotSyn), 0);
+    assert!(f.dp.flow_count().unwrap() <= 512);
+    // The first connection's entry is gone; its next packet (an ACK) counts.
+    assert_eq!(f.dp.lookup(client(20_000), sa(VIP)).unwrap(), None);
+    let ack = Pkt::tcp(client(20_000), sa(VIP));
+    assert_eq!(f.run(&ack.frame()).0, XDP_TX);
+    let c = f.dp.counters().unwrap();
+    assert_eq!(c.event(Event::FlowMissNotSyn), 1);
+    assert_eq!(c.event(Event::FlowMiss), 2049);
+    // Placed again (on the same backend: the table did not change), so the next one hits.
+    assert!(f.dp.lookup(client(20_000), sa(VIP)).unwrap().is_some());
+    assert_eq!(f.run(&ack.frame()).0, XDP_TX);
+    assert_eq!(f.dp.counters().unwrap().event(Event::FlowMissNotSyn), 1);
 }
 
 #[test]
