@@ -283,7 +283,8 @@ fn xdp_nat_balances_vip_connections_with_exact_bytes() {
     // do on this kernel): lb with no services attaches one that passes everything.
     let _pass = LbXdp::start(&topo.sw, &topo.lb_peer, "nat", "services: []\n", "starting");
     let lb = LbXdp::start(&topo.lb, &topo.lb_if, "nat", WEB, "VIP programmed in XDP");
-    // Health checks resolve the backends' MACs; wait until both are programmed up.
+    // lb resolves the backends' MACs (managed neighbour entries); wait until both are
+    // programmed up.
     thread::sleep(Duration::from_millis(2500));
 
     let names = names_seen(&topo, 100);
@@ -719,7 +720,7 @@ fn ipv6_end_to_end(replies: Replies, forwarding: &str) {
         WEB6,
         "VIP programmed in XDP",
     );
-    // Health checks resolve the backends' MACs (neighbour discovery) for the next sync.
+    // lb resolves the backends' MACs (managed neighbour entries) for the next sync.
     thread::sleep(Duration::from_millis(2500));
     let stats = format!("{}/lb/XDP_STATS", lb.bpffs);
     let events = format!("{}/lb/XDP_EVENTS", lb.bpffs);

@@ -8,11 +8,15 @@
 //! hash the client IP, every other algorithm hashes client IP and port (a per-packet program
 //! cannot count connections or keep a round-robin cursor). Weights shape the table.
 //!
-//! Backend MACs come from the kernel's neighbour tables (`/proc/net/arp` for IPv4, `ip -6
-//! neigh` for IPv6, each read at most once per sync); until a backend's MAC is known it is
-//! programmed down, and a TCP connect to it (which the health checks also do) makes the kernel
-//! resolve it. A MAC once known (or found in a reused map) is
-//! kept when the neighbour entry ages out.
+//! Backend MACs come from the kernel's neighbour tables of the XDP interface, read over
+//! rtnetlink (one dump of IPv4 and IPv6 per sync; see [`super::neigh`]). The first time a
+//! backend is seen lb adds a managed neighbour entry for it, which the kernel resolves at once
+//! and keeps resolved; where it cannot (a kernel before 5.16, or a backend added by a reload,
+//! when the daemon no longer holds CAP_NET_ADMIN), one UDP datagram to the backend per sync,
+//! while its MAC is unknown, makes the kernel resolve it. Until a backend's MAC is known it is
+//! programmed down. A MAC once known (or found in a reused map) is kept when the neighbour
+//! entry ages out. Managed entries stay when backends leave and when the daemon exits (why:
+//! [`super::neigh`]).
 //!
 //! Restarts: the program is attached through a link pinned under `pin_path`
 //! ([`XdpDataplane::attach_pinned`]). When the daemon exits, on SIGTERM as on `kill -9`, the
@@ -31,11 +35,11 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
+use super::neigh::{Resolver, Table};
 use super::xdp::{AttachMode, ClientHash, XdpCounters, XdpDataplane, XdpError, XdpOptions};
 use crate::{
     balance::{Algorithm, Candidate, Selector},
@@ -53,6 +57,12 @@ pub enum VipError {
         interface: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("cannot find the interface index of {interface}")]
+    InterfaceIndex {
+        interface: String,
+        #[source]
+        source: nix::Error,
     },
     #[error("service {service}: cannot build its Maglev table: {why}")]
     Table { service: String, why: String },
@@ -72,6 +82,8 @@ pub struct XdpRuntime {
     service_ids: Mutex<HashMap<SocketAddr, u32>>,
     /// The last MAC known of each backend, for when its neighbour entry ages out.
     macs: Mutex<HashMap<SocketAddr, [u8; 6]>>,
+    /// Reads the interface's neighbour table and keeps backends resolved.
+    neighbours: Mutex<Resolver>,
     /// Backends a previous daemon left forwarding in reused maps; taken by the first
     /// [`XdpRuntime::program`].
     inherited_up: Mutex<Option<HashSet<SocketAddr>>>,
@@ -160,6 +172,21 @@ impl XdpRuntime {
             source,
         })?;
         dp.set_interface_mac(mac)?;
+        let ifindex = nix::net::if_::if_nametoindex(xdp.interface.as_str()).map_err(|source| {
+            VipError::InterfaceIndex {
+                interface: xdp.interface.clone(),
+                source,
+            }
+        })?;
+        let mut neighbours = Resolver::new(ifindex);
+        // Now, while the daemon still holds CAP_NET_ADMIN (it gives it up before serving): a
+        // managed neighbour entry for every configured backend.
+        let table = neighbours.table();
+        for service in &config.services {
+            for backend in &service.backends {
+                neighbours.manage(backend.address.ip(), table.as_ref());
+            }
+        }
         Ok(XdpRuntime {
             dp: Mutex::new(dp),
             interface: xdp.interface.clone(),
@@ -169,6 +196,7 @@ impl XdpRuntime {
             max_backends: options.max_backends,
             service_ids: Mutex::new(service_ids),
             macs: Mutex::new(macs),
+            neighbours: Mutex::new(neighbours),
             inherited_up: Mutex::new(Some(inherited_up)),
         })
     }
@@ -189,15 +217,32 @@ impl XdpRuntime {
     }
 
     /// The backend's MAC from the neighbour table, else the last one known.
-    fn mac_of(&self, address: SocketAddr, neighbours: &mut Neighbours) -> Option<[u8; 6]> {
+    fn mac_of(&self, address: SocketAddr, table: Option<&Table>) -> Option<[u8; 6]> {
         let mut macs = self.macs.lock().unwrap_or_else(|e| e.into_inner());
-        match neighbours.mac(address.ip()) {
+        match table.and_then(|t| t.mac(address.ip())) {
             Some(mac) => {
                 macs.insert(address, mac);
                 Some(mac)
             }
             None => macs.get(&address).copied(),
         }
+    }
+
+    /// The backend's MAC (see [`XdpRuntime::mac_of`]); on first sight, asks the kernel to keep
+    /// the backend resolved, and while no MAC is known, makes it resolve the backend now.
+    fn resolve(
+        &self,
+        address: SocketAddr,
+        neighbours: &mut Resolver,
+        table: Option<&Table>,
+    ) -> Option<[u8; 6]> {
+        let just_managed = neighbours.manage(address.ip(), table);
+        let mac = self.mac_of(address, table);
+        if mac.is_none() && !just_managed {
+            // The next sync programs it.
+            neighbours.provoke(address, table);
+        }
+        mac
     }
 
     /// Programs every service (VIP, Maglev table) and backend; removes VIPs in `removed`.
@@ -208,7 +253,8 @@ impl XdpRuntime {
     ) -> Result<(), VipError> {
         let mut dp = self.dp.lock().unwrap_or_else(|e| e.into_inner());
         let mut service_ids = self.service_ids.lock().unwrap_or_else(|e| e.into_inner());
-        let mut neighbours = Neighbours::default();
+        let mut neighbours = self.neighbours.lock().unwrap_or_else(|e| e.into_inner());
+        let table = neighbours.table();
         let inherited = self
             .inherited_up
             .lock()
@@ -240,7 +286,7 @@ impl XdpRuntime {
                 .collect::<Result<_, _>>()?;
             for backend in &service.backends {
                 let id = self.id_of(backend.address)?;
-                let mac = self.mac_of(backend.address, &mut neighbours);
+                let mac = self.resolve(backend.address, &mut neighbours, table.as_ref());
                 dp.set_backend(
                     id,
                     backend.address,
@@ -293,19 +339,12 @@ impl XdpRuntime {
     /// Pushes each backend's state (up, draining, ejected) and MAC into the backend map.
     pub fn sync(&self, services: &[(String, Arc<Service>)]) -> Result<(), VipError> {
         let mut dp = self.dp.lock().unwrap_or_else(|e| e.into_inner());
-        let mut neighbours = Neighbours::default();
+        let mut neighbours = self.neighbours.lock().unwrap_or_else(|e| e.into_inner());
+        let table = neighbours.table();
         for (_, service) in services {
             for backend in &service.backends {
                 let id = self.id_of(backend.address)?;
-                let mac = self.mac_of(backend.address, &mut neighbours);
-                if mac.is_none() {
-                    // Make the kernel resolve it; the next sync programs it.
-                    let addr = backend.address;
-                    std::thread::spawn(move || {
-                        let _ =
-                            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500));
-                    });
-                }
+                let mac = self.resolve(backend.address, &mut neighbours, table.as_ref());
                 dp.set_backend(
                     id,
                     backend.address,
@@ -350,106 +389,22 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
-/// The kernel's neighbour tables, each read when first needed.
-#[derive(Default)]
-struct Neighbours {
-    arp: Option<String>,
-    ndp: Option<String>,
-}
-
-impl Neighbours {
-    /// A resolved neighbour's MAC: IPv4 from /proc/net/arp (flag 0x2 = complete), IPv6 from
-    /// `ip -6 neigh show` (entries with a link-layer address, not failed).
-    fn mac(&mut self, ip: IpAddr) -> Option<[u8; 6]> {
-        match ip.to_canonical() {
-            IpAddr::V4(v4) => {
-                let table = self.arp.get_or_insert_with(|| {
-                    std::fs::read_to_string("/proc/net/arp").unwrap_or_default()
-                });
-                parse_arp(table, v4)
-            }
-            IpAddr::V6(v6) => {
-                let table = self.ndp.get_or_insert_with(|| {
-                    std::process::Command::new("ip")
-                        .args(["-6", "neigh", "show"])
-                        .output()
-                        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-                        .unwrap_or_default()
-                });
-                parse_ndp(table, v6)
-            }
-        }
-    }
-}
-
-/// A line of `ip -6 neigh show`: `ADDR dev IF lladdr MAC [router] STATE`.
-fn parse_ndp(table: &str, ip: std::net::Ipv6Addr) -> Option<[u8; 6]> {
-    table.lines().find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.first()?.parse::<std::net::Ipv6Addr>().ok()? != ip {
-            return None;
-        }
-        if f.iter().any(|w| *w == "FAILED" || *w == "INCOMPLETE") {
-            return None;
-        }
-        let at = f.iter().position(|w| *w == "lladdr")?;
-        parse_mac(f.get(at + 1)?)
-    })
-}
-
-fn parse_arp(table: &str, ip: std::net::Ipv4Addr) -> Option<[u8; 6]> {
-    table.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let flags = u32::from_str_radix(f.get(2)?.trim_start_matches("0x"), 16).ok()?;
-        (f.first()?.parse::<std::net::Ipv4Addr>().ok()? == ip && flags & 0x2 != 0)
-            .then(|| parse_mac(f.get(3)?))
-            .flatten()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn arp_table_lines() {
-        let table = "IP address       HW type     Flags       HW address            Mask     Device\n\
-                     10.0.0.11        0x1         0x2         02:42:ac:11:00:02     *        eth0\n\
-                     10.0.0.12        0x1         0x0         00:00:00:00:00:00     *        eth0\n";
-        assert_eq!(
-            parse_arp(table, "10.0.0.11".parse().unwrap()),
-            Some([2, 0x42, 0xac, 0x11, 0, 2])
-        );
-        assert_eq!(
-            parse_arp(table, "10.0.0.12".parse().unwrap()),
-            None,
-            "incomplete entries are not used"
-        );
-        assert_eq!(parse_arp(table, "10.0.0.13".parse().unwrap()), None);
+    fn mac_addresses() {
         assert_eq!(
             parse_mac("aa:bb:cc:dd:ee:ff"),
             Some([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff])
         );
-        assert_eq!(parse_mac("aa:bb:cc:dd:ee"), None);
-    }
-
-    #[test]
-    fn ndp_table_lines() {
-        let table = "fd77::11 dev e0 lladdr 02:42:ac:11:00:02 REACHABLE\n\
-                     fd77::12 dev e0 lladdr 02:42:ac:11:00:03 router STALE\n\
-                     fd77::13 dev e0 FAILED\n\
-                     fd77::14 dev e0 INCOMPLETE\n\
-                     fe80::1 dev e0 lladdr 52:54:00:12:34:56 router DELAY\n";
         assert_eq!(
-            parse_ndp(table, "fd77::11".parse().unwrap()),
+            parse_mac("02:42:ac:11:00:02"),
             Some([2, 0x42, 0xac, 0x11, 0, 2])
         );
-        assert_eq!(
-            parse_ndp(table, "fd77::12".parse().unwrap()),
-            Some([2, 0x42, 0xac, 0x11, 0, 3])
-        );
-        assert_eq!(parse_ndp(table, "fd77::13".parse().unwrap()), None);
-        assert_eq!(parse_ndp(table, "fd77::14".parse().unwrap()), None);
-        assert_eq!(parse_ndp(table, "fd77::15".parse().unwrap()), None);
+        assert_eq!(parse_mac("aa:bb:cc:dd:ee"), None);
+        assert_eq!(parse_mac("aa:bb:cc:dd:ee:ff:00"), None);
+        assert_eq!(parse_mac("aa:bb:cc:dd:ee:gg"), None);
     }
 }
