@@ -426,13 +426,17 @@ mod tests {
 
     #[test]
     fn only() {
-        let (f, p) = select(None).unwrap();
-        assert_eq!((f.len(), p.len()), (4, 8));
-        let (f, p) = select(Some("rss, rr,rr")).unwrap();
+        let (f, p, xdp) = select(None).unwrap();
+        assert_eq!((f.len(), p.len(), xdp), (4, 8, true));
+        let (f, p, xdp) = select(Some("rss, rr,rr")).unwrap();
         assert_eq!(f, [Figure::Rr, Figure::Rss]);
-        assert_eq!(p.len(), 8);
-        let (f, p) = select(Some("relay")).unwrap();
-        assert_eq!(f.len(), 4);
+        assert_eq!((p.len(), xdp), (8, false));
+        let (f, _, xdp) = select(Some("xdp")).unwrap();
+        assert_eq!((f.len(), xdp), (0, true));
+        let (f, _, xdp) = select(Some("xdp,bulk")).unwrap();
+        assert_eq!((f, xdp), (vec![Figure::Bulk], true));
+        let (f, p, xdp) = select(Some("relay")).unwrap();
+        assert_eq!((f.len(), xdp), (4, false));
         assert_eq!(
             p,
             [
