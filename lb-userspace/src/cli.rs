@@ -26,7 +26,8 @@ pub enum Command {
         /// Override `dataplane.mode` from the file: auto, xdp, sockmap or proxy.
         #[arg(long, value_name = "MODE")]
         dataplane: Option<DataplaneMode>,
-        /// Worker threads for the daemon's runtime (default: one per CPU).
+        /// Worker threads that accept and relay connections, each with its own event loop
+        /// (default: one per CPU). Health checks and the admin API run on the main thread.
         #[arg(long, value_name = "N")]
         workers: Option<std::num::NonZeroUsize>,
         /// xdp: start from clean state. Removes the maps and the XDP link pinned under

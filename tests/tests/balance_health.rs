@@ -94,7 +94,33 @@ fn weighted_shares(dataplane: &str, algorithm: &str) -> (Vec<usize>, [f64; 3]) {
         set_weights(doc, "weighted", &[3, 1, 1]);
     });
     let started = Instant::now();
-    let counts = spread(lb.addr(), &refs, N);
+    let counts = if matches!(algorithm, "least_connections" | "random") {
+        // Both look at active connections. "One at a time" as lb sees it: the client has its
+        // EOF a moment before lb's worker has counted the connection closed, and the next
+        // connection may be accepted by another worker meanwhile. Waiting for lb's count
+        // keeps every pick at 0 active, so the weights alone decide.
+        let before = accepted(&refs);
+        for i in 0..N {
+            one_exchange(connect(lb.addr()), format!("connection {i}").as_bytes());
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while {
+                let status = lb.status();
+                addrs
+                    .iter()
+                    .any(|a| status.number("weighted", *a, "active_connections") > 0)
+            } {
+                assert!(
+                    Instant::now() < deadline,
+                    "lb still counts an active connection"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let after = accepted(&refs);
+        (0..refs.len()).map(|i| after[i] - before[i]).collect()
+    } else {
+        spread(lb.addr(), &refs, N)
+    };
     eprintln!(
         "{algorithm}: {N} connections in {:?}: {counts:?}",
         started.elapsed()

@@ -1128,6 +1128,8 @@ fn xdp_cost_per_packet() {
         return;
     };
     const REPEAT: u32 = 1_000_000;
+    // The machine is shared: each figure is the least disturbed of a few runs.
+    const TRIES: usize = 5;
     f.backends(&[1]);
     f.dp.set_service(sa(VIP), 0, Forwarding::Dsr, ClientHash::IpPort, &[1; 257])
         .unwrap();
@@ -1141,21 +1143,27 @@ fn xdp_cost_per_packet() {
 
     let dsr_hit = Pkt::tcp(sa(CLIENT), sa(VIP)).frame();
     f.run(&dsr_hit);
-    let (v, _, dsr) = f.dp.run_frame(&dsr_hit, REPEAT).unwrap();
-    assert_eq!(v, XDP_TX);
+    let best = |f: &mut Fixture, frame: &[u8], want: u32| {
+        (0..TRIES)
+            .map(|_| {
+                let (v, _, d) = f.dp.run_frame(frame, REPEAT).unwrap();
+                assert_eq!(v, want);
+                d
+            })
+            .min()
+            .unwrap()
+    };
+    let dsr = best(&mut f, &dsr_hit, XDP_TX);
     let nat_hit = Pkt::tcp(sa(CLIENT), nat_vip).frame();
     f.run(&nat_hit);
-    let (v, _, nat) = f.dp.run_frame(&nat_hit, REPEAT).unwrap();
-    assert_eq!(v, XDP_TX);
+    let nat = best(&mut f, &nat_hit, XDP_TX);
     let pass = Pkt::tcp(sa(CLIENT), sa("10.0.0.1:80")).frame();
-    let (v, _, pass_cost) = f.dp.run_frame(&pass, REPEAT).unwrap();
-    assert_eq!(v, XDP_PASS);
+    let pass_cost = best(&mut f, &pass, XDP_PASS);
     // The floor: a frame the program gives up on after the Ethernet header (ARP). What is
     // left is BPF_PROG_TEST_RUN's own loop and the indirect call into the program.
     let mut arp = pass.clone();
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-    let (v, _, floor) = f.dp.run_frame(&arp, REPEAT).unwrap();
-    assert_eq!(v, XDP_PASS);
+    let floor = best(&mut f, &arp, XDP_PASS);
 
     // New flows cannot repeat (the second run is a hit): one run per new client, and the
     // same for the pass case to see what a single run's timer adds.
@@ -1178,7 +1186,7 @@ fn xdp_cost_per_packet() {
     let pass_single = pass_total / f64::from(FLOWS);
     println!(
         "xdp ns/packet: established DSR {:.1}, established NAT {:.1}, non-VIP TCP pass {:.1}, \
-         floor (ARP) {:.1} (repeat {REPEAT}); new flow {:.1} (single runs; a single non-VIP \
+         floor (ARP) {:.1} (best of {TRIES} runs of repeat {REPEAT}); new flow {:.1} (single runs; a single non-VIP \
          pass run measures {:.1}, so about {:.1} of that is timer)",
         ns(dsr),
         ns(nat),
