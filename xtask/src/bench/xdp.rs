@@ -231,6 +231,11 @@ fn measure_row(
         ready(&topo.client, http)?;
         for figure in FIGURES {
             let frontend = if figure == Figure::Bulk { bulk } else { http };
+            eprintln!(
+                "    xdp {:<4} threads {t}: {} ...",
+                figure.key(),
+                row.name()
+            );
             let mut running = Running::new(frontend, None);
             let sample = in_ns(&topo.client, {
                 let scratch = scratch.to_owned();
