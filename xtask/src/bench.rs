@@ -274,7 +274,13 @@ fn header(
     );
     let dirty = !first_line(
         "git",
-        &["-C", &root().to_string_lossy(), "status", "--porcelain"],
+        &[
+            "-C",
+            &root().to_string_lossy(),
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+        ],
     )
     .is_empty();
     let word = |line: String, n: usize| {
