@@ -147,6 +147,16 @@ impl LbXdp {
         }
     }
 
+    /// Replaces the services in the config file (from `services:` on) and sends SIGHUP.
+    fn reload_services(&self, services: &str) {
+        let path = self.dir.join("lb.yaml");
+        let config = std::fs::read_to_string(&path).unwrap();
+        let head = config.split("services:").next().unwrap();
+        std::fs::write(&path, format!("{head}{services}")).unwrap();
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    }
+
     /// `kill -9`: no clean-up of any kind.
     fn kill9(&mut self) {
         self.child.kill().unwrap();
@@ -282,7 +292,7 @@ fn xdp_nat_balances_vip_connections_with_exact_bytes() {
     // A veth that receives XDP_TX frames needs an XDP program of its own (GRO alone did not
     // do on this kernel): lb with no services attaches one that passes everything.
     let _pass = LbXdp::start(&topo.sw, &topo.lb_peer, "nat", "services: []\n", "starting");
-    let lb = LbXdp::start(&topo.lb, &topo.lb_if, "nat", WEB, "VIP programmed in XDP");
+    let mut lb = LbXdp::start(&topo.lb, &topo.lb_if, "nat", WEB, "VIP programmed in XDP");
     // lb resolves the backends' MACs (managed neighbour entries); wait until both are
     // programmed up.
     thread::sleep(Duration::from_millis(2500));
@@ -303,6 +313,19 @@ fn xdp_nat_balances_vip_connections_with_exact_bytes() {
     // 8 MiB both ways through one connection, byte for byte.
     let ok = exact_bytes(&topo, VIP, 8 << 20);
     assert!(ok, "bytes through the XDP NAT path differ");
+
+    // A reload the pinned maps cannot hold (a Maglev table larger than the one they were
+    // made for) is refused whole: b2 stays in the table though the new file drops it.
+    lb.reload_services(
+        &WEB.replace("maglev_table_size: 5003", "maglev_table_size: 65537")
+            .replace("      - address: \"10.77.0.12:80\"\n", ""),
+    );
+    lb.wait_for("the XDP maps cannot hold this configuration; nothing changed");
+    let names = names_seen(&topo, 60);
+    assert!(
+        names.iter().any(|n| n == "b2") && names.iter().any(|n| n == "b1"),
+        "the refused reload changed the table: {names:?}"
+    );
 
     // The program did the forwarding: XDP_TX counted, and flows placed.
     let stats = sh(&[

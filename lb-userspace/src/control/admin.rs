@@ -167,7 +167,7 @@ async fn reload(State(app): State<App>, _body: Bytes) -> Response {
         Err(e @ ReloadError::Invalid(_)) => {
             (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
         }
-        Err(e) => (StatusCode::CONFLICT, format!("{e:#}\n")).into_response(),
+        Err(e) => (StatusCode::CONFLICT, format!("{}\n", e.detail())).into_response(),
     }
 }
 

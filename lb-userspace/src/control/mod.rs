@@ -253,6 +253,8 @@ pub enum ReloadError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the XDP maps cannot hold this configuration; nothing changed")]
+    XdpLimits(#[source] crate::dataplane::vip::VipError),
     #[error("cannot program the XDP maps")]
     Xdp(#[source] crate::dataplane::vip::VipError),
     #[error("service {service}: cannot build backend selection; nothing changed")]
@@ -261,6 +263,25 @@ pub enum ReloadError {
         #[source]
         source: crate::state::BuildError,
     },
+}
+
+impl ReloadError {
+    /// The message and every cause under it, `: `-separated (Display alone stops at the
+    /// first line: "cannot program the XDP maps", without why).
+    pub fn detail(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            let line = e.to_string();
+            // Invalid configs carry their errors in the message already.
+            if !text.contains(&line) {
+                text.push_str(": ");
+                text.push_str(&line);
+            }
+            source = e.source();
+        }
+        text
+    }
 }
 
 impl Daemon {
@@ -371,7 +392,7 @@ impl Daemon {
             }
             Err(e) => {
                 self.reloads_failed.fetch_add(1, Relaxed);
-                tracing::error!("reload failed: {e}");
+                tracing::error!("reload failed: {}", e.detail());
             }
         }
         result
@@ -403,6 +424,9 @@ impl Daemon {
                 }
             })?;
             prepared.push((service.clone(), listener, built));
+        }
+        if let Some(xdp) = &self.xdp {
+            xdp.check(&new.services).map_err(ReloadError::XdpLimits)?;
         }
         // 2. Apply.
         let old_config = self

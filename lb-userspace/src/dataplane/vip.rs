@@ -43,7 +43,7 @@ use super::neigh::{Resolver, Table};
 use super::xdp::{AttachMode, ClientHash, XdpCounters, XdpDataplane, XdpError, XdpOptions};
 use crate::{
     balance::{Algorithm, Candidate, Selector},
-    config::{Algorithm as ConfigAlgorithm, Config, XdpAttach},
+    config::{Algorithm as ConfigAlgorithm, Config, ServiceConfig, XdpAttach},
     state::Service,
 };
 
@@ -68,6 +68,8 @@ pub enum VipError {
     Table { service: String, why: String },
     #[error("more than {max} backends")]
     TooManyBackends { max: u32 },
+    #[error("more than {max} services (the pinned maps' size; `lb run --fresh` resizes them)")]
+    TooManyServices { max: u32 },
 }
 
 /// The loaded, attached XDP program and the ids lb gave backends.
@@ -243,6 +245,40 @@ impl XdpRuntime {
             neighbours.provoke(address, table);
         }
         mac
+    }
+
+    /// Whether [`XdpRuntime::program`] can take `services` (a reload's new config), checked
+    /// before anything changes so that a reload the maps cannot hold keeps the old config
+    /// whole: backend ids left (ids are never reused), services, and Maglev table sizes
+    /// against what the pinned maps were made for.
+    pub fn check(&self, services: &[ServiceConfig]) -> Result<(), VipError> {
+        let (stride, max_services, _) = self.dp.lock().unwrap_or_else(|e| e.into_inner()).limits();
+        let ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh: HashSet<SocketAddr> = services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.address))
+            .filter(|a| !ids.contains_key(a))
+            .collect();
+        let next = ids.values().max().map_or(0, |&max| u64::from(max) + 1);
+        if next + fresh.len() as u64 > u64::from(self.max_backends) {
+            return Err(VipError::TooManyBackends {
+                max: self.max_backends,
+            });
+        }
+        if services.len() > max_services as usize {
+            return Err(VipError::TooManyServices { max: max_services });
+        }
+        if let Some(s) = services.iter().find(|s| s.maglev_table_size > stride) {
+            return Err(VipError::Table {
+                service: s.name.clone(),
+                why: format!(
+                    "{} slots, more than the {stride} the pinned maps were made for \
+                     (`lb run --fresh` resizes them)",
+                    s.maglev_table_size
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Programs every service (VIP, Maglev table) and backend; removes VIPs in `removed`.

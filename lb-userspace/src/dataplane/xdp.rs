@@ -590,6 +590,16 @@ impl XdpDataplane {
     }
 
     /// The services the map holds: VIP and id.
+    /// The sizes the pinned maps were made for: Maglev slots per service, services,
+    /// backends.
+    pub fn limits(&self) -> (u32, u32, u32) {
+        (
+            self.meta.maglev_stride,
+            self.meta.max_services,
+            self.meta.max_backends,
+        )
+    }
+
     pub fn programmed_services(&self) -> Result<Vec<(SocketAddr, u32)>, XdpError> {
         self.services
             .iter()
