@@ -7,7 +7,10 @@
 //!   -> backend, the same hops a NAT packet takes, with the kernel's forwarding in place of
 //!   the XDP program. The reference the issue sets (xdp >= 0.9x of it).
 //! - direct: the client straight to the backend over the bridge, no lb host on the path.
-//! - lb xdp (nat), lb xdp (dsr): lb with the XDP program on its interface, client -> VIP.
+//! - lb xdp (nat), lb xdp (dsr): lb with the XDP program on its interface, client -> VIP,
+//!   attached native (veth's driver mode) and generic (`attach: generic`): on a veth,
+//!   native XDP is the driver's emulation (frames queued to NAPI, each skb copied into a
+//!   page for the program), which generic mode skips; on a NIC native is the fast one.
 //! - lb proxy: lb's proxy dataplane in the lb namespace, client -> VIP (a TCP endpoint).
 //!
 //! Every interface has the same MTU (1500) and offloads: transmit checksums off on the
@@ -53,16 +56,20 @@ pub enum Row {
     Routed,
     Direct,
     XdpNat,
+    XdpNatGeneric,
     XdpDsr,
+    XdpDsrGeneric,
     Proxy,
 }
 
 impl Row {
-    pub const ALL: [Row; 5] = [
+    pub const ALL: [Row; 7] = [
         Row::Routed,
         Row::Direct,
         Row::XdpNat,
+        Row::XdpNatGeneric,
         Row::XdpDsr,
+        Row::XdpDsrGeneric,
         Row::Proxy,
     ];
 
@@ -71,15 +78,17 @@ impl Row {
             Row::Routed => "routed (no balancer)",
             Row::Direct => "direct",
             Row::XdpNat => "lb xdp (nat)",
+            Row::XdpNatGeneric => "lb xdp (nat, generic)",
             Row::XdpDsr => "lb xdp (dsr)",
+            Row::XdpDsrGeneric => "lb xdp (dsr, generic)",
             Row::Proxy => "lb proxy",
         }
     }
 
     fn replies(self) -> Replies {
         match self {
-            Row::Direct | Row::XdpDsr => Replies::Direct,
-            Row::Routed | Row::XdpNat | Row::Proxy => Replies::ThroughLb,
+            Row::Direct | Row::XdpDsr | Row::XdpDsrGeneric => Replies::Direct,
+            Row::Routed | Row::XdpNat | Row::XdpNatGeneric | Row::Proxy => Replies::ThroughLb,
         }
     }
 
@@ -88,7 +97,7 @@ impl Row {
         match self {
             Row::Routed => B1_BEHIND,
             Row::Direct => B1_DIRECT,
-            Row::XdpNat | Row::XdpDsr | Row::Proxy => VIP,
+            Row::XdpNat | Row::XdpNatGeneric | Row::XdpDsr | Row::XdpDsrGeneric | Row::Proxy => VIP,
         }
     }
 }
@@ -192,7 +201,7 @@ fn measure_row(
         &topo.sw,
         scratch,
         "pass",
-        &xdp_config(&pins.0.join("pass"), &topo.lb_peer, "nat", ""),
+        &xdp_config(&pins.0.join("pass"), &topo.lb_peer, "nat", "native", ""),
         1,
     )?;
     let mut balancer = match row {
@@ -207,9 +216,24 @@ fn measure_row(
             None
         }
         Row::Direct => None,
-        Row::XdpNat | Row::XdpDsr => {
-            let forwarding = if row == Row::XdpNat { "nat" } else { "dsr" };
-            let config = xdp_config(&pins.0.join("lb"), &topo.lb_if, forwarding, &services());
+        Row::XdpNat | Row::XdpNatGeneric | Row::XdpDsr | Row::XdpDsrGeneric => {
+            let forwarding = if matches!(row, Row::XdpNat | Row::XdpNatGeneric) {
+                "nat"
+            } else {
+                "dsr"
+            };
+            let attach = if matches!(row, Row::XdpNatGeneric | Row::XdpDsrGeneric) {
+                "generic"
+            } else {
+                "native"
+            };
+            let config = xdp_config(
+                &pins.0.join("lb"),
+                &topo.lb_if,
+                forwarding,
+                attach,
+                &services(),
+            );
             Some(start_lb(lb_bin, &topo.lb, scratch, "lb", &config, 1)?)
         }
         // Started per thread count below (--workers).
@@ -267,10 +291,16 @@ fn services() -> String {
     s
 }
 
-fn xdp_config(pin_path: &Path, interface: &str, forwarding: &str, services: &str) -> String {
+fn xdp_config(
+    pin_path: &Path,
+    interface: &str,
+    forwarding: &str,
+    attach: &str,
+    services: &str,
+) -> String {
     format!(
         "# cargo xtask bench (xdp topology)\ndataplane:\n  mode: xdp\n  pin_path: {}\n  xdp:\n\
-         \x20   interface: {interface}\n    forwarding: {forwarding}\nshutdown_timeout: 1s\n{}",
+         \x20   interface: {interface}\n    forwarding: {forwarding}\n    attach: {attach}\nshutdown_timeout: 1s\n{}",
         pin_path.display(),
         if services.is_empty() {
             "services: []\n"
@@ -430,7 +460,11 @@ fn report(threads: &[usize], seconds: u64, results: &Results) -> String {
          (client -> lb host -> backend, the hops a NAT packet takes, with the kernel's \
          forwarding instead of the XDP program; the reference); **direct**, the client \
          straight to the backend over the bridge; **lb xdp** with NAT and with DSR, client -> \
-         VIP; **lb proxy**, the proxy dataplane in the lb namespace (`--workers T`). One \
+         VIP, the program attached in veth's native (driver) mode and in generic mode (on a \
+         veth, native XDP is emulated: each frame is copied out of its skb into a page and \
+         queued to NAPI, while generic mode runs the program on the skb as it is; on a NIC \
+         with XDP support, native mode runs on the driver's buffers before any skb exists \
+         and is the one to use); **lb proxy**, the proxy dataplane in the lb namespace (`--workers T`). One \
          backend (nginx, 2 workers, and iperf3), a topology made afresh for each row in each \
          run; the figures as in the loopback tables above, with `wrk`/`iperf3` in the \
          client's namespace. XDP runs in the softirq of whichever CPU receives the frame, so \
