@@ -370,23 +370,37 @@ Measured on this machine on 2026-11-26 while choosing the policy (loopback, iper
 ## The proxy dataplane against its targets: what was found
 
 Targets (issue 3): keep-alive req/s and new conn/s >= 1.2x the best peer, bulk >= 0.6x no
-balancer, RSS <= 10 KiB per idle connection. The tables above: RSS 3.7 KiB (met), bulk 0.56x
-no balancer with 1 thread and 0.68x with 2 (1.5x and 1.1x the best peer), keep-alive 0.80x
-and new connections 0.88x the best peer with 1 thread (missed).
+balancer, RSS <= 10 KiB per idle connection. The full run of 2026-11-26 13:55 (one event
+loop per worker thread): RSS 3.7 KiB (met); bulk 0.61x and 0.63x no balancer at 1 and 2
+threads (met; 1.34x and 1.08x the best peer); keep-alive 1.05x and 0.95x the best peer, new
+connections 1.06x and 0.92x (1.2x missed). Runs move by 10-20% on this shared machine, so
+read the keep-alive and connection figures as on par with nginx stream and HAProxy.
 
-Measured by hand on 2026-11-26 (wrk -t1 -c50 keep-alive through one balancer thread to one
-nginx, CPU from /proc/PID/stat, `perf record -g`, `strace -c`):
+Measured by hand on 2026-11-26 (wrk -c50 through one balancer to 3 nginx backends on
+loopback; CPU of all the balancer's threads from /proc/PID/task/*/stat; `strace -c -f`;
+`perf record -a -g`), three runs each:
 
-- lb and HAProxy spend the same CPU per request: 12.7 us (lb 59k req/s, HAProxy 63k in that
-  run). lb makes the minimum of system calls: one recv and one send per message per direction
-  (2.0 recvfrom and 2.0 sendto per request), and one epoll_wait per 15 requests.
-- 68% of lb's CPU is in the kernel: the TCP stack on loopback, where a send also runs the
-  receiver's softirq. The userspace third is tokio's readiness and task machinery (the largest
-  single items: readiness futures 2-3%, clock reads for the idle timer 1.7%, notify 1.8%).
-- So lb is on par with HAProxy and the gap to nginx stream (and to 1.2x) is not in extra system
-  calls; removing all of lb's userspace work would gain at most a third. What is left to try:
-  fewer clock reads per step (coarse activity time), one task per connection polling both
-  directions without re-registering readiness, and measuring nginx's per-request CPU the same way.
+- Keep-alive, CPU per request, 1 worker: lb 9.8-12.3 us, nginx stream 10.1-11.4 us (HAProxy
+  12.7 in an earlier run). lb makes one recv and one send per message per direction and one
+  epoll_wait per ~15 requests, the minimum; 68% of its CPU is the kernel's loopback TCP.
+- 2 workers: lb used to run every connection on one work-stealing tokio runtime: 14-16 us per
+  request, 0.65-0.75x nginx's rate, because tasks woken by one thread's epoll ran on the other.
+  Now each worker thread runs its own event loop (a current-thread runtime accepting from
+  every listener) and a connection stays on the thread that accepted it, as in nginx:
+  8.8-10 us per request (nginx 8.2-8.4 in the same A/B), 0.9-0.95x nginx's rate there, and
+  0.95x the best peer in the table above (it was 0.68x).
+- New connections (Connection: close), 2 workers: lb 57-62 us of CPU per connection, nginx
+  45-54. lb makes 21 system calls per connection: accept4, socket, connect, getsockopt
+  (SO_ERROR), 2 setsockopt (TCP_NODELAY), 4 epoll_ctl (tokio registers each socket and
+  deregisters it before close; nginx lets close do that), 4 recvfrom, 2 sendto, 2 shutdown
+  (lb passes each half-close on; nginx stream just closes) and 2 close, plus 0.09 accept4
+  that find nothing (both workers wake for each connection; nginx uses EPOLLEXCLUSIVE).
+- So 1.2x the best peer is out of reach by construction here: the balancer is about a third
+  of the machine's CPU per request (client, backend and kernel are the rest) and lb's third is
+  already the peers'; 1.2x the whole would need lb's own CPU per request halved, which no
+  trimming of the userspace loop gives (all of lb's userspace is about a third of its own
+  CPU). What would: the kernel moving the bytes (sockmap; its keep-alive path is slower
+  than the proxy's on loopback, see above) or fewer round trips per request (not ours).
 ";
 
 fn command_line(runs: usize, seconds: u64, only: Option<&str>) -> String {
