@@ -80,3 +80,54 @@ fn over_max_connections_clients_wait_until_a_slot_frees() {
         echo_round_trip(&mut b, b"b again").unwrap();
     });
 }
+
+/// Lowering `max_connections` by a reload while every slot is taken (open connections, and
+/// each worker's accept loop waiting with one) still lowers it: the slots are taken back as
+/// they come free, and once the connections have closed the new limit holds exactly.
+#[test]
+fn a_lower_max_connections_applies_once_the_open_connections_close() {
+    use lb_tests::admin::AdminLb;
+    for_each_dataplane(|dataplane| {
+        let backend = Backend::echo();
+        let config = LbConfig::new(
+            dataplane,
+            vec![ServiceSpec::new("max", &[backend.addr()]).max_connections(4)],
+        );
+        let lb = AdminLb::start(&config, |_| {});
+        let mut open: Vec<_> = (0..4).map(|_| connect(lb.addr())).collect();
+        for (i, c) in open.iter_mut().enumerate() {
+            echo_round_trip(c, format!("open {i}").as_bytes()).unwrap();
+        }
+        let lower = lb.render(&lb.config, |doc| {
+            doc["services"][0]["max_connections"] = 2.into();
+        });
+        lb.write_config(&lower);
+        let r = lb.post("/reload", None);
+        assert_eq!(r.status, 200, "reload: {}", r.text());
+        open.clear();
+        // Every connection closed; give lb a moment to count them closed.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while backend.open() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let mut a = connect(lb.addr());
+        let mut b = connect(lb.addr());
+        echo_round_trip(&mut a, b"a").unwrap();
+        echo_round_trip(&mut b, b"b").unwrap();
+        let mut c = connect(lb.addr());
+        c.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        std::io::Write::write_all(&mut c, b"c").unwrap();
+        let mut buf = [0u8; 1];
+        let waited = std::io::Read::read(&mut c, &mut buf);
+        assert!(
+            waited.is_err(),
+            "a third connection was served after max_connections went down to 2: {waited:?}"
+        );
+        drop(a);
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        std::io::Read::read_exact(&mut c, &mut buf)
+            .expect("the waiting client was not served after a slot freed");
+    });
+}

@@ -117,13 +117,20 @@ impl Workers {
             handles.push(runtime.handle().clone());
             std::thread::Builder::new()
                 .name(format!("lb-worker-{i}"))
-                .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+                .spawn(move || {
+                    // Never returns; a worker that unwinds takes the process down rather
+                    // than leaving its connections and its share of every listener behind.
+                    let _abort = AbortOnUnwind;
+                    runtime.block_on(std::future::pending::<()>())
+                })?;
         }
         Ok(Workers { handles })
     }
 
-    /// Accepts on `listener` on every worker (one clone of it each; a connection wakes them
-    /// all and one accepts it).
+    /// Accepts on `listener` on every worker (a clone of it each, the last one the listener
+    /// itself, so at least one worker always serves it; a connection wakes them all and one
+    /// accepts it). A clone that cannot be made (no file descriptor left) only leaves that
+    /// worker out for this service, with an error logged.
     fn serve(
         &self,
         tasks: &TaskTracker,
@@ -133,23 +140,40 @@ impl Workers {
         shared: &Arc<proxy::Shared>,
         stop: &CancellationToken,
     ) {
-        for handle in &self.handles {
+        let spawn = |listener, handle| {
+            tasks.spawn_on(
+                proxy::serve(
+                    listener,
+                    Arc::clone(state),
+                    Arc::clone(slots),
+                    Arc::clone(shared),
+                    stop.clone(),
+                ),
+                handle,
+            );
+        };
+        let Some((last, others)) = self.handles.split_last() else {
+            return;
+        };
+        for handle in others {
             match listener.try_clone() {
-                Ok(listener) => {
-                    tasks.spawn_on(
-                        proxy::serve(
-                            listener,
-                            Arc::clone(state),
-                            Arc::clone(slots),
-                            Arc::clone(shared),
-                            stop.clone(),
-                        ),
-                        handle,
-                    );
+                Ok(clone) => spawn(clone, handle),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot share a listener with a worker; it serves on fewer");
                 }
-                Err(e) => tracing::error!(error = %e, "cannot share a listener with a worker"),
             }
         }
+        spawn(listener, last);
+    }
+}
+
+/// Aborts the process when dropped, which for a worker thread only happens if it unwinds.
+struct AbortOnUnwind;
+
+impl Drop for AbortOnUnwind {
+    fn drop(&mut self) {
+        eprintln!("lb: a worker thread died; aborting");
+        std::process::abort();
     }
 }
 
@@ -322,7 +346,20 @@ impl Daemon {
                 if max > r.max_connections {
                     r.slots.add_permits(max - r.max_connections);
                 } else {
-                    r.slots.forget_permits(r.max_connections - max);
+                    let lower = r.max_connections - max;
+                    let forgotten = r.slots.forget_permits(lower);
+                    if forgotten < lower {
+                        // The rest are held (open connections, accept loops waiting): take
+                        // them back as they come free. Waiting first in the semaphore's queue,
+                        // this holds new connections back until the lower limit is reached.
+                        let slots = Arc::clone(&r.slots);
+                        let owed = u32::try_from(lower - forgotten).unwrap_or(u32::MAX);
+                        tokio::spawn(async move {
+                            if let Ok(permits) = slots.acquire_many_owned(owed).await {
+                                permits.forget();
+                            }
+                        });
+                    }
                 }
                 r.max_connections = max;
                 if let Some(listener) = listener {
@@ -339,6 +376,10 @@ impl Daemon {
                     tracing::info!(service = %name, old = %r.listen, new = %config.listen, "listen address changed");
                     r.stop_accepting.cancel();
                     r.stop_accepting = stop;
+                    r.listen = config.listen;
+                } else if self.xdp.is_some() && r.listen != config.listen {
+                    // xdp: the VIP moves (the caller unprograms the old one).
+                    tracing::info!(service = %name, old = %r.listen, new = %config.listen, "VIP changed");
                     r.listen = config.listen;
                 }
             }
@@ -442,15 +483,25 @@ impl Daemon {
                 "dataplane, admin and shutdown_timeout changes take effect at the next restart"
             );
         }
-        for (service, listener, built) in prepared {
-            self.start_service(&mut running, service, listener, built);
-        }
+        // xdp: VIPs that leave, with their service or because it moved to another VIP.
         let keep: Vec<&str> = new.services.iter().map(|s| s.name.as_str()).collect();
-        let removed_vips: Vec<std::net::SocketAddr> = running
+        let mut removed_vips: Vec<std::net::SocketAddr> = running
             .iter()
             .filter(|(n, _)| !keep.contains(&n.as_str()))
             .map(|(_, r)| r.listen)
             .collect();
+        for service in &new.services {
+            if let Some(r) = running.get(&service.name)
+                && r.listen != service.listen
+            {
+                removed_vips.push(r.listen);
+            }
+        }
+        // A VIP that another service takes over stays programmed (its new owner rewrites it).
+        removed_vips.retain(|vip| !new.services.iter().any(|s| s.listen == *vip));
+        for (service, listener, built) in prepared {
+            self.start_service(&mut running, service, listener, built);
+        }
         running.retain(|name, r| {
             let kept = keep.contains(&name.as_str());
             if !kept {
