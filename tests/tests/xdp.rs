@@ -327,6 +327,24 @@ fn xdp_nat_balances_vip_connections_with_exact_bytes() {
         "the refused reload changed the table: {names:?}"
     );
 
+    // A reload that moves the service to another VIP port: the new one balances, the old
+    // one is no VIP any more (lb's own stack answers it: nothing listens there).
+    lb.reload_services(&WEB.replace("10.77.9.100:80", "10.77.9.100:8080"));
+    lb.wait_for("reload applied");
+    let moved = names_seen_at(&topo, "10.77.9.100:8080", 40);
+    assert!(
+        moved.iter().any(|n| n == "b1") && moved.iter().any(|n| n == "b2"),
+        "the moved VIP does not balance: {moved:?}"
+    );
+    let old = in_ns(&topo.client, || {
+        TcpStream::connect_timeout(&VIP.parse().unwrap(), Duration::from_secs(3)).map(|_| ())
+    });
+    assert!(
+        old.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "the old VIP is still balanced after the service moved: {old:?}"
+    );
+
     // The program did the forwarding: XDP_TX counted, and flows placed.
     let stats = sh(&[
         "bpftool",

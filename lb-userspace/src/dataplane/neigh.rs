@@ -126,6 +126,10 @@ pub struct Neighbour {
 #[derive(Clone, Debug, Default)]
 pub struct Table {
     entries: HashMap<IpAddr, Neighbour>,
+    /// Whether the dump may have missed entries: interrupted by a change of the table
+    /// (NLM_F_DUMP_INTR), or with a message lb could not parse. Its MACs are good; that an
+    /// entry is missing proves nothing, so nothing is made managed from it.
+    partial: bool,
 }
 
 impl Table {
@@ -147,6 +151,7 @@ impl Table {
                 .filter_map(|m| neighbour_of(m, ifindex))
                 .map(|n| (n.ip, n))
                 .collect(),
+            partial: false,
         }
     }
 }
@@ -217,8 +222,11 @@ pub fn dump(ifindex: u32) -> Result<Table, NeighError> {
         RouteNetlinkMessage::GetNeighbour(message),
         REQUEST,
     )?;
-    let messages = receive(&socket, REQUEST)?;
-    Ok(Table::from_messages(&messages, ifindex))
+    let received = receive(&socket, REQUEST)?;
+    Ok(Table {
+        partial: received.partial,
+        ..Table::from_messages(&received.messages, ifindex)
+    })
 }
 
 /// Adds a managed entry for `ip` on interface `ifindex`, or makes an existing entry managed:
@@ -317,11 +325,22 @@ fn send(
         .map_err(|source| NeighError::Send { request, source })
 }
 
+/// What a reply carried: its neighbour messages, and whether some may be missing.
+#[derive(Debug, Default)]
+struct Received {
+    messages: Vec<NeighbourMessage>,
+    /// NLM_F_DUMP_INTR (the table changed during the dump), or a message skipped.
+    partial: bool,
+}
+
+/// NLM_F_DUMP_INTR: a dump's part written while the table changed under it.
+const NLM_F_DUMP_INTR: u16 = 0x10;
+
 /// Reads the reply to the request sent on `socket`, datagram by datagram, until it ends:
 /// NLMSG_DONE for a dump (whose parts carry NLM_F_MULTI), an NLMSG_ERROR with code 0 (the
 /// acknowledgement) for a change. Returns the neighbour messages it carried.
-fn receive(socket: &Socket, request: &'static str) -> Result<Vec<NeighbourMessage>, NeighError> {
-    let mut messages = Vec::new();
+fn receive(socket: &Socket, request: &'static str) -> Result<Received, NeighError> {
+    let mut messages = Received::default();
     loop {
         // Peeks for the size first: a datagram is never cut short.
         let (datagram, _) = socket
@@ -343,11 +362,12 @@ enum Reply {
 /// Reads one datagram of a reply: neighbour messages go into `out`; NLMSG_DONE, or an
 /// NLMSG_ERROR with code 0, ends the reply; an NLMSG_ERROR with an errno (or an NLMSG_DONE
 /// with one, a dump that failed part way) is the kernel's refusal. A dump interrupted by a
-/// change of the table (NLM_F_DUMP_INTR) is used as it is: the next sync reads it again.
+/// change of the table (NLM_F_DUMP_INTR) is used as it is, marked partial: the next sync
+/// reads it again.
 fn read_datagram(
     mut bytes: &[u8],
     request: &'static str,
-    out: &mut Vec<NeighbourMessage>,
+    out: &mut Received,
 ) -> Result<Reply, NeighError> {
     let malformed = |source| NeighError::Malformed { request, source };
     let refused = |errno: i32| NeighError::Kernel {
@@ -364,10 +384,13 @@ fn read_datagram(
         if sequence != SEQUENCE {
             continue;
         }
+        if buffer.flags() & NLM_F_DUMP_INTR != 0 {
+            out.partial = true;
+        }
         match NetlinkMessage::<RouteNetlinkMessage>::deserialize(message) {
             Ok(parsed) => match parsed.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(neighbour)) => {
-                    out.push(neighbour);
+                    out.messages.push(neighbour);
                 }
                 NetlinkPayload::Done(done) if done.code != 0 => return Err(refused(done.code)),
                 NetlinkPayload::Done(_) => return Ok(Reply::Done),
@@ -382,7 +405,10 @@ fn read_datagram(
             // The end of a reply must be understood; one entry that the crate cannot parse
             // (an attribute of a newer kernel, say) only costs that entry.
             Err(e) if kind == NLMSG_DONE || kind == NLMSG_ERROR => return Err(malformed(e)),
-            Err(e) => tracing::debug!(error = %e, "{request}: skipped a message lb cannot parse"),
+            Err(e) => {
+                out.partial = true;
+                tracing::debug!(error = %e, "{request}: skipped a message lb cannot parse");
+            }
         }
     }
     Ok(Reply::More)
@@ -436,7 +462,10 @@ impl Resolver {
     /// entry, unless the backend's entry is managed already or kept by someone else. Returns
     /// whether it just added one (the kernel is resolving the backend now).
     pub fn manage(&mut self, backend: IpAddr, table: Option<&Table>) -> bool {
-        let Some(table) = table else { return false };
+        // A partial dump may lack an entry someone else keeps: decide on a whole one.
+        let Some(table) = table.filter(|t| !t.partial) else {
+            return false;
+        };
         let ip = backend.to_canonical();
         if !self.seen.insert(ip) || !wants_managed(table.get(ip)) {
             return false;
@@ -688,7 +717,7 @@ mod tests {
 
     #[test]
     fn a_dump_reply_is_read_across_datagrams_until_done() {
-        let mut out = Vec::new();
+        let mut out = Received::default();
         let first = datagram(SEQUENCE, vec![neighbour(1), neighbour(2)]);
         assert_eq!(
             read_datagram(&first, "test", &mut out).unwrap(),
@@ -707,17 +736,19 @@ mod tests {
         );
         let last = datagram(SEQUENCE, vec![neighbour(4), done(0)]);
         assert_eq!(read_datagram(&last, "test", &mut out).unwrap(), Reply::Done);
-        let table = Table::from_messages(&out, IF);
+        // The unparseable message may have been an entry: the dump is partial.
+        assert!(out.partial);
+        let table = Table::from_messages(&out.messages, IF);
         for n in 1..=4 {
             assert_eq!(table.mac(IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))), Some(MAC));
         }
         assert_eq!(table.get(ip("10.0.0.9")), None);
-        assert_eq!(out.len(), 4);
+        assert_eq!(out.messages.len(), 4);
     }
 
     #[test]
     fn errors_and_acknowledgements_end_a_reply() {
-        let mut out = Vec::new();
+        let mut out = Received::default();
         let ack = datagram(SEQUENCE, vec![error(0)]);
         assert_eq!(read_datagram(&ack, "test", &mut out).unwrap(), Reply::Done);
 

@@ -589,7 +589,6 @@ impl XdpDataplane {
         Ok(out)
     }
 
-    /// The services the map holds: VIP and id.
     /// The sizes the pinned maps were made for: Maglev slots per service, services,
     /// backends.
     pub fn limits(&self) -> (u32, u32, u32) {
@@ -600,6 +599,7 @@ impl XdpDataplane {
         )
     }
 
+    /// The services the map holds: VIP and id.
     pub fn programmed_services(&self) -> Result<Vec<(SocketAddr, u32)>, XdpError> {
         self.services
             .iter()
@@ -1015,7 +1015,7 @@ fn expected_shape(name: &str, meta: &LbMeta) -> (MapType, usize, usize, u32) {
 /// On a mismatch, `fresh` removes the pins; otherwise it is an error. Returns the names
 /// that are (still) pinned.
 fn check_layout(pin_dir: &Path, want: &LbMeta, fresh: bool) -> Result<Vec<&'static str>, XdpError> {
-    let mut existing: Vec<&'static str> = MAP_NAMES
+    let existing: Vec<&'static str> = MAP_NAMES
         .into_iter()
         .filter(|name| pin_dir.join(name).exists())
         .collect();
@@ -1025,17 +1025,18 @@ fn check_layout(pin_dir: &Path, want: &LbMeta, fresh: bool) -> Result<Vec<&'stat
     // Counters are not state: a counters map of another size (a build that counts more
     // verdicts, reasons or events) is replaced and its counts start again from zero, while
     // the flows and tables are kept. The program still attached keeps counting into the
-    // old map until the new one replaces it.
-    for name in COUNTER_MAPS {
-        if existing.contains(&name) && shape_differs(pin_dir, name, want) {
+    // old map until the new one replaces it. Only once the rest of the set is known to be
+    // reused: a start refused for another reason leaves every pin as it was.
+    let (stale, rest): (Vec<&'static str>, Vec<&'static str>) = existing
+        .iter()
+        .partition(|name| COUNTER_MAPS.contains(name) && shape_differs(pin_dir, name, want));
+    let Err(why) = pinned_layout_matches(pin_dir, want, &rest) else {
+        for name in stale {
             let path = pin_dir.join(name);
             tracing::warn!(map = name, pin = %path.display(), "pinned counters map of another size: replaced, its counts restart from zero (flows and tables are kept)");
             std::fs::remove_file(&path).map_err(|source| XdpError::Unpin { path, source })?;
-            existing.retain(|n| *n != name);
         }
-    }
-    let Err(why) = pinned_layout_matches(pin_dir, want, &existing) else {
-        return Ok(existing);
+        return Ok(rest);
     };
     if !fresh {
         return Err(XdpError::Layout {

@@ -908,24 +908,27 @@ fn xdp_pinned_maps_survive_a_reload_and_another_layout_is_refused() {
     }
     // A counters map of another size (an older build counting fewer events) is replaced;
     // the flows are kept.
-    std::fs::remove_file(pin_dir.join(names::XDP_EVENTS)).unwrap();
-    let older = pin_dir.join(names::XDP_EVENTS);
-    sh(&[
-        "bpftool",
-        "map",
-        "create",
-        older.to_str().unwrap(),
-        "type",
-        "percpu_array",
-        "key",
-        "4",
-        "value",
-        "8",
-        "entries",
-        "7",
-        "name",
-        names::XDP_EVENTS,
-    ]);
+    let older_events = || {
+        let older = pin_dir.join(names::XDP_EVENTS);
+        std::fs::remove_file(&older).unwrap();
+        sh(&[
+            "bpftool",
+            "map",
+            "create",
+            older.to_str().unwrap(),
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "7",
+            "name",
+            names::XDP_EVENTS,
+        ]);
+    };
+    older_events();
     {
         let dp = XdpDataplane::load(&pin_dir, &options()).unwrap();
         assert_eq!(dp.lookup(sa(CLIENT), sa(VIP)).unwrap(), Some(1));
@@ -938,11 +941,19 @@ fn xdp_pinned_maps_survive_a_reload_and_another_layout_is_refused() {
         flow_table_size: 8192,
         ..options()
     };
+    // (with an old counters map too: a refused start leaves that pin as it was)
+    older_events();
     let err = XdpDataplane::load(&pin_dir, &bigger)
         .err()
         .expect("refused");
     assert!(matches!(err, XdpError::Layout { .. }), "{err}");
     assert!(err.to_string().contains("LB_FLOWS"), "{err}");
+    let info = MapInfo::from_pin(pin_dir.join(names::XDP_EVENTS)).unwrap();
+    assert_eq!(
+        info.max_entries(),
+        7,
+        "a refused start replaced a counters map"
+    );
     // Another layout version in LB_META: refused too.
     {
         let data = MapData::from_pin(pin_dir.join(names::LB_META)).unwrap();
