@@ -68,32 +68,57 @@ pub fn bench(runs: usize, seconds: u64, only: Option<&str>) -> anyhow::Result<()
     let elapsed = started.elapsed();
     // The sockmap peers' maps, which a SIGKILLed lb leaves pinned.
     let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/lb-bench-{}", std::process::id()));
+
+    // The loopback report first: an xdp part that fails loses nothing measured before it.
+    if !figures.is_empty() {
+        write_loopback(
+            &command,
+            runs,
+            seconds,
+            elapsed,
+            &load_before,
+            &figures,
+            &peers,
+            &results,
+        )?;
+    }
     if with_xdp {
         let xdp_started = Instant::now();
+        let xdp_load = loadavg();
         let section = step("bench: xdp on the namespace topology", || {
             xdp::bench(&ctx.lb_bin, tmp.path(), &THREADS, runs, seconds)
         });
         let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/lb-bench-{}", std::process::id()));
-        let mut doc = header(&command, runs, seconds, xdp_started.elapsed(), &load_before);
+        let mut doc = header(&command, runs, seconds, xdp_started.elapsed(), &xdp_load);
         doc.push_str(&section?);
         let path = root().join("docs/benchmarks-xdp.md");
         std::fs::write(&path, &doc).with_context(|| format!("cannot write {}", path.display()))?;
         println!("{doc}\nbench: xdp written to {}", path.display());
     }
-    if figures.is_empty() {
-        return Ok(());
-    }
+    Ok(())
+}
 
-    let mut doc = header(&command, runs, seconds, elapsed, &load_before);
+#[expect(clippy::too_many_arguments, reason = "the run's whole context")]
+fn write_loopback(
+    command: &str,
+    runs: usize,
+    seconds: u64,
+    elapsed: Duration,
+    load_before: &str,
+    figures: &[Figure],
+    peers: &[Peer],
+    results: &Results,
+) -> anyhow::Result<()> {
+    let mut doc = header(command, runs, seconds, elapsed, load_before);
     let mut tables = String::new();
-    for &figure in &figures {
+    for &figure in figures {
         let _ = write!(
             tables,
             "\n## {}\n\n{}\n\nBehind the balancers: {}.\n\n{}",
             figure.title(),
             figure.how(seconds),
             figures::backends_note(figure),
-            report::table(figure, &THREADS, &peers, &results)
+            report::table(figure, &THREADS, peers, results)
         );
     }
     doc.push_str(&tables);
