@@ -287,10 +287,11 @@ impl XdpRuntime {
         services: &[(String, Arc<Service>)],
         removed: &[SocketAddr],
     ) -> Result<(), VipError> {
-        let mut dp = self.dp.lock().unwrap_or_else(|e| e.into_inner());
-        let mut service_ids = self.service_ids.lock().unwrap_or_else(|e| e.into_inner());
+        // The neighbour dump first, so the dataplane is not locked while the kernel answers.
         let mut neighbours = self.neighbours.lock().unwrap_or_else(|e| e.into_inner());
         let table = neighbours.table();
+        let mut dp = self.dp.lock().unwrap_or_else(|e| e.into_inner());
+        let mut service_ids = self.service_ids.lock().unwrap_or_else(|e| e.into_inner());
         let inherited = self
             .inherited_up
             .lock()
@@ -374,9 +375,9 @@ impl XdpRuntime {
 
     /// Pushes each backend's state (up, draining, ejected) and MAC into the backend map.
     pub fn sync(&self, services: &[(String, Arc<Service>)]) -> Result<(), VipError> {
-        let mut dp = self.dp.lock().unwrap_or_else(|e| e.into_inner());
         let mut neighbours = self.neighbours.lock().unwrap_or_else(|e| e.into_inner());
         let table = neighbours.table();
+        let mut dp = self.dp.lock().unwrap_or_else(|e| e.into_inner());
         for (_, service) in services {
             for backend in &service.backends {
                 let id = self.id_of(backend.address)?;
