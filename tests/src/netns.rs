@@ -60,6 +60,19 @@ impl NetNs {
         c
     }
 
+    /// Runs `f` on a thread of its own inside this namespace and returns its result
+    /// (processes `f` starts are in the namespace too). A panic in `f` is passed on.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = File::open(path).expect("open netns");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
     /// Moves the calling thread into this namespace (network only). Use from a thread spawned
     /// for the purpose: the thread stays there.
     pub fn enter(&self) {

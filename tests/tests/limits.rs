@@ -2,7 +2,10 @@
 //! either way (and only such a one), and over `max_connections` new clients wait in the backlog
 //! until a slot frees. Every case runs once per dataplane.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::TcpStream,
+    time::{Duration, Instant},
+};
 
 use lb_tests::{
     backend::Backend,
@@ -54,31 +57,39 @@ fn over_max_connections_clients_wait_until_a_slot_frees() {
             vec![ServiceSpec::new("max", &[backend.addr()]).max_connections(2)],
         )
         .start();
-        let mut a = connect(lb.addr());
-        let mut b = connect(lb.addr());
-        echo_round_trip(&mut a, b"a").unwrap();
-        echo_round_trip(&mut b, b"b").unwrap();
-        // The third connect completes in the kernel's backlog, but lb does not accept it: its
-        // bytes get no answer while two connections are open.
-        let mut c = connect(lb.addr());
-        c.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        std::io::Write::write_all(&mut c, b"c").unwrap();
-        let mut buf = [0u8; 1];
-        let waited = std::io::Read::read(&mut c, &mut buf);
-        assert!(
-            waited.is_err(),
-            "a third connection was served over max_connections 2: {waited:?}"
-        );
-        assert_eq!(backend.accepted(), 2, "the backend saw a third connection");
-        // Freeing a slot lets it through, with the byte it sent while waiting.
-        drop(a);
-        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        std::io::Read::read_exact(&mut c, &mut buf)
-            .expect("the waiting client was not served after a slot freed");
-        assert_eq!(&buf, b"c");
+        let mut b = third_waits_for_a_slot(lb.addr(), || {
+            assert_eq!(backend.accepted(), 2, "the backend saw a third connection");
+        });
         echo_round_trip(&mut b, b"b again").unwrap();
     });
+}
+
+/// With a limit of 2: two clients are served; a third one's connect completes in the kernel's
+/// backlog, but lb does not accept it, so its byte gets no answer (then `while_waiting` runs)
+/// until one of the two closes; then it is served, with the byte it sent while waiting.
+/// Returns the other open client.
+fn third_waits_for_a_slot(lb: std::net::SocketAddr, while_waiting: impl FnOnce()) -> TcpStream {
+    let mut a = connect(lb);
+    let mut b = connect(lb);
+    echo_round_trip(&mut a, b"a").unwrap();
+    echo_round_trip(&mut b, b"b").unwrap();
+    let mut c = connect(lb);
+    c.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    std::io::Write::write_all(&mut c, b"c").unwrap();
+    let mut buf = [0u8; 1];
+    let waited = std::io::Read::read(&mut c, &mut buf);
+    assert!(
+        waited.is_err(),
+        "a third connection was served over max_connections 2: {waited:?}"
+    );
+    while_waiting();
+    drop(a);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    std::io::Read::read_exact(&mut c, &mut buf)
+        .expect("the waiting client was not served after a slot freed");
+    assert_eq!(&buf, b"c");
+    b
 }
 
 /// Lowering `max_connections` by a reload while every slot is taken (open connections, and
@@ -111,23 +122,6 @@ fn a_lower_max_connections_applies_once_the_open_connections_close() {
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_millis(200));
-        let mut a = connect(lb.addr());
-        let mut b = connect(lb.addr());
-        echo_round_trip(&mut a, b"a").unwrap();
-        echo_round_trip(&mut b, b"b").unwrap();
-        let mut c = connect(lb.addr());
-        c.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        std::io::Write::write_all(&mut c, b"c").unwrap();
-        let mut buf = [0u8; 1];
-        let waited = std::io::Read::read(&mut c, &mut buf);
-        assert!(
-            waited.is_err(),
-            "a third connection was served after max_connections went down to 2: {waited:?}"
-        );
-        drop(a);
-        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        std::io::Read::read_exact(&mut c, &mut buf)
-            .expect("the waiting client was not served after a slot freed");
+        third_waits_for_a_slot(lb.addr(), || {});
     });
 }

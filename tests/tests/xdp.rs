@@ -62,18 +62,6 @@ fn backend(ns: &NetNs, name: &'static str, stop: Arc<AtomicBool>) -> thread::Joi
     })
 }
 
-/// Runs `f` on a thread inside `ns` and returns its result.
-fn in_ns<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{}", ns.name);
-    thread::spawn(move || {
-        let file = std::fs::File::open(path).unwrap();
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
-}
-
 /// lb in the lb namespace, killed on drop; its maps pinned on a bpffs of the test's own.
 struct LbXdp {
     child: Child,
@@ -206,7 +194,7 @@ fn names_seen(topo: &Topology, n: usize) -> Vec<String> {
 
 /// [`names_seen`] at `vip`.
 fn names_seen_at(topo: &Topology, vip: &'static str, n: usize) -> Vec<String> {
-    in_ns(&topo.client, move || {
+    topo.client.run(move || {
         let vip: SocketAddr = vip.parse().unwrap();
         (0..n)
             .map(|_| {
@@ -225,7 +213,7 @@ fn names_seen_at(topo: &Topology, vip: &'static str, n: usize) -> Vec<String> {
 
 /// Sends `len` bytes through the VIP and reads them echoed back; true if they match.
 fn exact_bytes(topo: &Topology, vip: &'static str, len: u32) -> bool {
-    in_ns(&topo.client, move || {
+    topo.client.run(move || {
         let vip: SocketAddr = vip.parse().unwrap();
         let s = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -336,7 +324,7 @@ fn xdp_nat_balances_vip_connections_with_exact_bytes() {
         moved.iter().any(|n| n == "b1") && moved.iter().any(|n| n == "b2"),
         "the moved VIP does not balance: {moved:?}"
     );
-    let old = in_ns(&topo.client, || {
+    let old = topo.client.run(|| {
         TcpStream::connect_timeout(&VIP.parse().unwrap(), Duration::from_secs(3)).map(|_| ())
     });
     assert!(
@@ -896,7 +884,7 @@ fn xdp_restart_with_another_config_keeps_established_flows_on_their_backends() {
         );
     }
     // Port 81 is no service now: its packets reach lb's own stack, which refuses them.
-    let refused = in_ns(&topo.client, || {
+    let refused = topo.client.run(|| {
         let vip: SocketAddr = "10.77.9.100:81".parse().unwrap();
         TcpStream::connect_timeout(&vip, Duration::from_secs(3))
             .map_err(|e| e.kind())

@@ -273,11 +273,13 @@ fn measure_row(
                 row.name()
             );
             let mut running = Running::new(frontend, None);
-            let sample = in_ns(&topo.client, {
-                let scratch = scratch.to_owned();
-                move || figure.measure(&mut running, t, seconds, None, &scratch)
-            })
-            .map_err(|e| format!("{e:#}"));
+            let sample = topo
+                .client
+                .run({
+                    let scratch = scratch.to_owned();
+                    move || figure.measure(&mut running, t, seconds, None, &scratch)
+                })
+                .map_err(|e| format!("{e:#}"));
             if let Some(b) = &mut balancer {
                 b.check_alive()?;
             }
@@ -416,7 +418,7 @@ fn start_in(
 /// Waits until an HTTP request through `addr` from the client's namespace is answered (the
 /// xdp rows: until health checks have found the backend and its MAC is programmed).
 fn ready(client: &NetNs, addr: SocketAddr) -> anyhow::Result<()> {
-    in_ns(client, move || {
+    client.run(move || {
         let start = Instant::now();
         loop {
             match http_check(addr) {
@@ -428,18 +430,6 @@ fn ready(client: &NetNs, addr: SocketAddr) -> anyhow::Result<()> {
             }
         }
     })
-}
-
-/// Runs `f` on a thread inside `ns` (processes it starts are in `ns` too).
-fn in_ns<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{}", ns.name);
-    thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("the namespace's file");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("the measuring thread panicked")
 }
 
 /// A bpffs mounted for lb to pin into; unmounting drops whatever is pinned there.
