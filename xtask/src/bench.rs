@@ -242,13 +242,7 @@ fn run_figure(
                     figure.measure(&mut running, threads, seconds, hold, &scratch)
                 })();
                 let shown = match &outcome {
-                    Ok(s) => figure
-                        .metrics()
-                        .iter()
-                        .zip(&s.values)
-                        .map(|(m, v)| format!("{v:.prec$} {}", m.name, prec = m.decimals.max(1)))
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    Ok(s) => figure.show(s),
                     Err(e) => format!("FAILED: {e:#}"),
                 };
                 eprintln!(

@@ -852,7 +852,7 @@ impl Sockmap {
 
     /// One connection: `client_first` = the client half-closes first, else the backend.
     async fn self_test_pair(&self, pool: &PipePool, client_first: bool) -> Result<(), String> {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        use tokio::io::AsyncWriteExt as _;
         let io = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
         let localhost = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         let front = tokio::net::TcpListener::bind(localhost)
@@ -891,61 +891,17 @@ impl Sockmap {
             Duration::from_secs(30),
             &never,
         );
-        let (mut client_r, mut client_w) = client.split();
-        let (mut backend_r, mut backend_w) = backend.split();
-        let client_side = async {
-            if client_first {
-                client_w.write_all(&up).await.map_err(io("client write"))?;
-                client_w.shutdown().await.map_err(io("client shutdown"))?;
-            }
-            let mut got = Vec::new();
-            client_r
-                .read_to_end(&mut got)
-                .await
-                .map_err(io("client read"))?;
-            if got != down {
-                return Err(format!(
-                    "client got {} bytes, not the backend's exact {}",
-                    got.len(),
-                    down.len()
-                ));
-            }
-            if !client_first {
-                // The backend's FIN arrived; this direction must still flow.
-                client_w.write_all(&up).await.map_err(io("client write"))?;
-                client_w.shutdown().await.map_err(io("client shutdown"))?;
-            }
-            Ok::<(), String>(())
-        };
-        let backend_side = async {
-            if !client_first {
-                backend_w
-                    .write_all(&down)
-                    .await
-                    .map_err(io("backend write"))?;
-                backend_w.shutdown().await.map_err(io("backend shutdown"))?;
-            }
-            let mut got = Vec::new();
-            backend_r
-                .read_to_end(&mut got)
-                .await
-                .map_err(io("backend read"))?;
-            if got != want_up {
-                return Err(format!(
-                    "backend got {} bytes, not the client's exact {}",
-                    got.len(),
-                    want_up.len()
-                ));
-            }
-            if client_first {
-                backend_w
-                    .write_all(&down)
-                    .await
-                    .map_err(io("backend write"))?;
-                backend_w.shutdown().await.map_err(io("backend shutdown"))?;
-            }
-            Ok::<(), String>(())
-        };
+        let (client_r, client_w) = client.split();
+        let (backend_r, backend_w) = backend.split();
+        let client_side = self_test_side("client", client_first, client_r, client_w, &up, &down);
+        let backend_side = self_test_side(
+            "backend",
+            !client_first,
+            backend_r,
+            backend_w,
+            &down,
+            &want_up,
+        );
         let (outcome, client_result, backend_result) =
             tokio::join!(relay, client_side, backend_side);
         client_result?;
@@ -957,6 +913,47 @@ impl Sockmap {
         }
         Ok(())
     }
+}
+
+/// One end of a self-test connection: if it `goes_first`, sends `send` and half-closes, then
+/// reads to EOF and checks it got exactly `want`; else it reads first, and sends after the
+/// other side's FIN (the direction must still flow).
+async fn self_test_side(
+    name: &str,
+    goes_first: bool,
+    mut r: tokio::net::tcp::ReadHalf<'_>,
+    mut w: tokio::net::tcp::WriteHalf<'_>,
+    send: &[u8],
+    want: &[u8],
+) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let io = |what: &str| format!("{name} {what}");
+    let mut send_and_close = async || -> Result<(), String> {
+        w.write_all(send)
+            .await
+            .map_err(|e| format!("{}: {e}", io("write")))?;
+        w.shutdown()
+            .await
+            .map_err(|e| format!("{}: {e}", io("shutdown")))
+    };
+    if goes_first {
+        send_and_close().await?;
+    }
+    let mut got = Vec::new();
+    r.read_to_end(&mut got)
+        .await
+        .map_err(|e| format!("{}: {e}", io("read")))?;
+    if got != want {
+        return Err(format!(
+            "{name} got {} bytes, not the other side's exact {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    if !goes_first {
+        send_and_close().await?;
+    }
+    Ok(())
 }
 
 /// Pins `map` at `path`. A pin that appears between our removal and our pin is another

@@ -107,6 +107,16 @@ impl Figure {
         }
     }
 
+    /// One measurement's values with their units, for the progress lines.
+    pub fn show(self, sample: &Sample) -> String {
+        self.metrics()
+            .iter()
+            .zip(&sample.values)
+            .map(|(m, v)| format!("{v:.prec$} {}", m.name, prec = m.decimals.max(1)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     pub fn applies_to(self, peer: Peer) -> bool {
         !(self == Figure::Rss && peer == Peer::None)
     }

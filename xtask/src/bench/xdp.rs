@@ -137,15 +137,7 @@ pub fn bench(
                 Ok(samples) => {
                     for ((figure, t), sample) in samples {
                         let shown = match &sample {
-                            Ok(s) => figure
-                                .metrics()
-                                .iter()
-                                .zip(&s.values)
-                                .map(|(m, v)| {
-                                    format!("{v:.prec$} {}", m.name, prec = m.decimals.max(1))
-                                })
-                                .collect::<Vec<_>>()
-                                .join(", "),
+                            Ok(s) => figure.show(s),
                             Err(e) => format!("FAILED: {e}"),
                         };
                         eprintln!(
