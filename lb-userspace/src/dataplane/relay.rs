@@ -246,11 +246,23 @@ async fn direction(
                 // Created before the check, so a request made in between still wakes it.
                 let asked = p.ask.notified();
                 if p.asked.load(Relaxed) {
-                    return Ok(DirEnd::Paused);
-                }
-                tokio::select! {
-                    () = asked => return Ok(DirEnd::Paused),
-                    r = src.ready(Interest::READABLE) => r.map_err(DirError::Source)?,
+                    // Stop only with nothing unread: a read that took part of an skb leaves
+                    // the rest of it queued, and once the socket is in a sockmap the kernel
+                    // hands that whole skb to the verdict program, the bytes already relayed
+                    // here included (tcp_read_skb ignores how much of it was read): they
+                    // would reach the peer twice. Bytes that arrive after this check come in
+                    // whole skbs that nothing has read.
+                    if sys::tcp_bytes_unread(src).map_err(DirError::Source)? == 0 {
+                        return Ok(DirEnd::Paused);
+                    }
+                    src.ready(Interest::READABLE)
+                        .await
+                        .map_err(DirError::Source)?
+                } else {
+                    tokio::select! {
+                        () = asked => continue,
+                        r = src.ready(Interest::READABLE) => r.map_err(DirError::Source)?,
+                    }
                 }
             }
             None => src
@@ -259,7 +271,7 @@ async fn direction(
                 .map_err(DirError::Source)?,
         };
         let moved = if splicing {
-            splice_step(src, dst, ready, pool).await?
+            splice_step(src, dst, pool).await?
         } else {
             copy_step(src, dst, ready, pool).await?
         };
@@ -280,7 +292,6 @@ async fn direction(
                 {
                     p.asked.store(true, Relaxed);
                     p.ask.notify_waiters();
-                    return Ok(DirEnd::Paused);
                 }
             }
         }
@@ -304,13 +315,15 @@ fn touch(activity: &AtomicU64, start: Instant) {
 async fn splice_step(
     src: &TcpStream,
     dst: &TcpStream,
-    ready: Ready,
     pool: &PipePool,
 ) -> Result<Option<usize>, DirError> {
     let want = pool.pipe_size();
     // Borrow a pipe only once the socket says it has something (data or EOF).
     let pipe = pool.get().map_err(DirError::Source)?;
-    match read_once(src, ready, want, || {
+    // Not `read_once`: a short splice does not mean the socket is drained. It stops when the
+    // pipe runs out of slots (one per page fragment: a backend that answers with sendfile(2)
+    // sends many small fragments), with bytes still queued and no new event to come for them.
+    match src.try_io(Interest::READABLE, || {
         sys::splice_once(src, &pipe.write, want)
     }) {
         Ok(0) => {
@@ -367,7 +380,8 @@ pub(super) async fn copy_step(
 
 /// One read (or splice) from `src` through `op`, which asks for `want` bytes.
 ///
-/// A read that comes back short (some bytes, fewer than asked for) has drained the socket: the
+/// A read(2) that comes back short (some bytes, fewer than asked for) has drained the socket
+/// (TCP copies until its receive queue is empty or the buffer is full; splice(2) does not): the
 /// next call would only return EAGAIN. So the short result is reported to tokio as WouldBlock,
 /// which clears the socket's readiness without that extra syscall (measured: a third of the
 /// relay's splice calls were such EAGAINs on small request/response traffic), and the bytes
