@@ -123,6 +123,19 @@ pub fn tcp_bytes_queued(socket: &impl AsFd) -> io::Result<u64> {
     Ok(acked + u64::try_from(outq).unwrap_or(0))
 }
 
+/// Bytes waiting unread in the receive queue of the TCP socket `socket` (SIOCINQ; a FIN is
+/// not counted).
+pub fn tcp_bytes_unread(socket: &impl AsFd) -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let mut inq: libc::c_int = 0;
+    // SAFETY: SIOCINQ (FIONREAD) writes one int through the pointer, valid for the call.
+    let rc = unsafe { libc::ioctl(socket.as_fd().as_raw_fd(), libc::FIONREAD, &mut inq) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(inq).unwrap_or(0))
+}
+
 /// Bytes `socket` has received (`tcpi_bytes_received`): its data, plus one for a FIN.
 pub fn tcp_bytes_received(socket: &impl AsFd) -> io::Result<u64> {
     tcp_info_u64(socket, TCPI_BYTES_RECEIVED)

@@ -129,6 +129,9 @@ pub struct Sockmap {
     pub holds: AtomicU64,
     /// Bulk connections handed back to the daemon's splice relay.
     pub demoted: AtomicU64,
+    /// A direction's backlog past which a connection is handed back ([`BACKLOG_HIGH`];
+    /// [`HANDBACK_BACKLOG_ENV`] lowers it, for tests that force the hand-back).
+    handback_backlog: u64,
     /// `SK_STATS` after the self-test: the metrics count clients' traffic only.
     baseline: [u64; SkEvent::COUNT as usize],
     /// Our pins and the ids of the maps they name: removed on drop if still ours.
@@ -214,6 +217,10 @@ impl Sockmap {
             kept: AtomicU64::new(0),
             holds: AtomicU64::new(0),
             demoted: AtomicU64::new(0),
+            handback_backlog: std::env::var(HANDBACK_BACKLOG_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(BACKLOG_HIGH),
             baseline: [0; SkEvent::COUNT as usize],
             pinned,
             _ebpf: ebpf,
@@ -673,7 +680,7 @@ impl Sockmap {
                         // Bulk: the kernel falls behind. The splice relay moves bulk faster
                         // and cheaper (docs/benchmarks.md): hand the connection back, at a
                         // moment when neither direction holds bytes.
-                        if backlog > BACKLOG_HIGH
+                        if backlog > self.handback_backlog
                             && !up_done
                             && !down_done
                             && !up.busy.load(Relaxed)
@@ -767,6 +774,10 @@ impl Sockmap {
             .map_err(DirError::Dest)
     }
 }
+
+/// Set in the environment (bytes), a lower backlog than [`BACKLOG_HIGH`] hands a connection
+/// back to the splice relay: tests force the hand-back with it.
+pub const HANDBACK_BACKLOG_ENV: &str = "LB_SOCKMAP_HANDBACK_BACKLOG";
 
 /// Back pressure: a direction whose bytes wait in the kernel's redirect queue beyond this is
 /// held (about one socket buffer), and let go at [`BACKLOG_LOW`].
