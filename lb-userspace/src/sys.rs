@@ -206,3 +206,36 @@ pub fn kick_receive_queue(socket: &impl AsFd) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// `statfs(2)`'s magic number of a bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Whether `path` (or, if it does not exist yet, its nearest existing ancestor) is on a bpffs.
+/// Returns that existing directory too.
+pub fn on_bpffs(path: &std::path::Path) -> io::Result<(bool, std::path::PathBuf)> {
+    let mut dir = path;
+    while !dir.exists() {
+        dir = dir.parent().unwrap_or(std::path::Path::new("/"));
+    }
+    let fs = nix::sys::statfs::statfs(dir).map_err(io::Error::from)?;
+    #[expect(
+        clippy::useless_conversion,
+        reason = "the type of f_type differs by libc"
+    )]
+    let magic = i64::from(fs.filesystem_type().0);
+    Ok((magic == BPF_FS_MAGIC, dir.to_owned()))
+}
+
+/// Mounts a bpffs on the directory `at` (mode 0700), as `mount -t bpf bpf AT` would.
+pub fn mount_bpffs(at: &std::path::Path) -> io::Result<()> {
+    nix::mount::mount(
+        Some("bpf"),
+        at,
+        Some("bpf"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        Some("mode=0700"),
+    )
+    .map_err(io::Error::from)
+}

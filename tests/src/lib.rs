@@ -27,6 +27,7 @@ pub mod load;
 pub mod netns;
 pub mod stream;
 pub mod topology;
+pub mod torture;
 
 /// Whether a privileged test may run. Prints why not, and panics under `CI=true`.
 pub fn privileged(test: &str) -> bool {

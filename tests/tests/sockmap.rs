@@ -610,3 +610,62 @@ fn with_promote_after_bytes_short_connections_stay_in_userspace_and_long_ones_ar
         .dump("SK_PEERS")
         .is_empty()));
 }
+
+/// `ip netns exec NS lb run ...` remounts /sys in a mount namespace of its own, where no bpffs
+/// is mounted: lb, with the default pin directory's parent, mounts one there itself (as
+/// bpftool and Cilium do) and serves on sockmap, rather than exiting with ENOENT.
+#[test]
+fn under_ip_netns_exec_lb_mounts_bpffs_and_serves_on_sockmap() {
+    if !privileged("under_ip_netns_exec_lb_mounts_bpffs_and_serves_on_sockmap") {
+        return;
+    }
+    let ns = lb_tests::netns::NetNs::new("lbfs");
+    let backend = ns.run(Backend::echo);
+    let listen = SocketAddr::from(([127, 0, 0, 1], lb_tests::lb::free_port()));
+    let dir = lb_tests::lb::TempDir::new();
+    let config = dir.path.join("lb.yaml");
+    let stderr_path = dir.path.join("lb.stderr");
+    std::fs::write(
+        &config,
+        format!(
+            "dataplane:\n  mode: sockmap\n  pin_path: /sys/fs/bpf/lb-fs-{}\nservices:\n  - name: fs\n    listen: \"{listen}\"\n    backends:\n      - address: \"{}\"\n",
+            std::process::id(),
+            backend.addr()
+        ),
+    )
+    .expect("write config");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(lb_tests::lb::binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("spawn ip netns exec lb");
+    let stderr = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let up = wait_until(Duration::from_secs(15), || {
+        stderr().contains("listening") || child.try_wait().ok().flatten().is_some()
+    });
+    let log = stderr();
+    let exchanged = up && log.contains("listening") && {
+        ns.run(move || {
+            let mut c = connect(listen);
+            echo_round_trip(&mut c, b"through a bpffs lb mounted itself").is_ok()
+        })
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    // Stopped from inside the namespace: its accept loop is woken by a connect there.
+    ns.run(move || drop(backend));
+    assert!(
+        exchanged,
+        "lb under `ip netns exec` did not serve on sockmap; stderr:\n{log}"
+    );
+    assert!(
+        log.contains("dataplane=sockmap") && log.contains("mounted one"),
+        "expected sockmap and the bpffs mount in the log:\n{log}"
+    );
+}

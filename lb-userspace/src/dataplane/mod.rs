@@ -55,9 +55,43 @@ pub enum ChooseError {
     Unavailable { mode: &'static str, why: String },
 }
 
+/// Where bpffs is mounted on a host that has one (systemd mounts it at boot).
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
 /// Creates a pin directory on a bpffs, mode 0700 (maps hold connection and flow state).
+///
+/// Where `dir` is not on a bpffs (a fresh container, or `ip netns exec`, which remounts /sys
+/// without one) and lies under /sys/fs/bpf, a bpffs is mounted there first, as bpftool and
+/// Cilium do, while lb still has the capability; otherwise the error says what to run.
 fn create_pin_dir(dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt as _;
+    let (on_bpffs, existing) = crate::sys::on_bpffs(dir)?;
+    if !on_bpffs {
+        let root = std::path::Path::new(BPFFS_ROOT);
+        if dir.starts_with(root) && existing == root {
+            crate::sys::mount_bpffs(root).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} is not on a bpffs, and mounting one on {BPFFS_ROOT} failed ({e}): \
+                         run `mount -t bpf bpf {BPFFS_ROOT}` as root",
+                        dir.display()
+                    ),
+                )
+            })?;
+            tracing::info!(
+                at = BPFFS_ROOT,
+                "no bpffs was mounted (a fresh container, or `ip netns exec`): mounted one"
+            );
+        } else {
+            return Err(std::io::Error::other(format!(
+                "{} is not on a bpffs: mount one with `mount -t bpf bpf {}`, or set \
+                 dataplane.pin_path to a directory under a mounted bpffs",
+                dir.display(),
+                existing.display()
+            )));
+        }
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
