@@ -46,6 +46,8 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 const SERVER_START: Duration = Duration::from_secs(15);
 /// curl gives up on a transfer that moved less than a byte a second for this long: a stall.
 const STALL_SECONDS: &str = "10";
+/// iperf3's throughput floor on loopback (100 Mbit/s).
+const MIN_IPERF3_BPS: f64 = 100e6;
 
 /// A userspace dataplane, and for sockmap when it hands a connection to the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -887,9 +889,20 @@ fn download(lb: &mut Balancer, nginx: &Nginx, budget: &Budget, scheme: &str, nam
         None,
         budget.timeout(CLIENT_TIMEOUT),
     );
-    let get = lb.expect_success(get);
     let sent = read(&nginx.path(&format!("www/{name}")));
     let got = fs::read(&out).unwrap_or_default();
+    if !get.success() {
+        let prefix = match difference(&sent[..got.len().min(sent.len())], &got) {
+            None => "exact so far".to_owned(),
+            Some(diff) => diff,
+        };
+        lb.fail(&format!(
+            "{}\ncurl had {} of {} bytes when it stopped ({prefix})",
+            get.describe(),
+            got.len(),
+            sent.len()
+        ));
+    }
     lb.expect_same(
         &format!("GET {url} ({:.1}s)", get.elapsed.as_secs_f64()),
         &sent,
@@ -1007,7 +1020,13 @@ fn iperf3(plane: Plane, test: &str, reverse: bool) {
     let addr = free_addr();
     let mut server = Daemon::spawn(
         "iperf3 -s",
-        Command::new(program_path("iperf3")).args(["-s", "-p", &addr.port().to_string()]),
+        Command::new(program_path("iperf3")).args([
+            "-s",
+            "-B",
+            "127.0.0.1",
+            "-p",
+            &addr.port().to_string(),
+        ]),
         &dir.path.join("iperf3-server.log"),
     );
     server.wait_listening(addr, SERVER_START);
@@ -1039,6 +1058,41 @@ fn iperf3(plane: Plane, test: &str, reverse: bool) {
         lb.fail(&format!(
             "iperf3: sent {sent} bytes, received {received} bytes, {bps} bit/s\n{}",
             client.describe()
+        ));
+    }
+    // iperf3 exits 0 even when the transfer stopped halfway: a second without a byte is a stall.
+    let intervals: Vec<(f64, f64)> = report["intervals"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            let sum = &i["sum"];
+            (
+                sum["seconds"].as_f64().unwrap_or(0.0),
+                sum["bytes"].as_f64().unwrap_or(0.0),
+            )
+        })
+        .collect();
+    let per_second: Vec<String> = intervals
+        .iter()
+        .map(|(s, b)| format!("{:.0} MB in {s:.1}s", b / 1e6))
+        .collect();
+    if let Some(i) = intervals.iter().position(|&(s, b)| s >= 0.5 && b == 0.0) {
+        lb.fail(&format!(
+            "STALLED: iperf3{} moved no byte in interval {i} (exit 0 regardless); per interval: \
+             {per_second:?}; sent {sent} bytes, received {received}",
+            if reverse { " -R" } else { "" },
+        ));
+    }
+    // On loopback the proxy, a debug build, moves several Gbit/s here: far below that is a
+    // stall, not a slow machine.
+    if bps < MIN_IPERF3_BPS {
+        lb.fail(&format!(
+            "iperf3{}: {:.3} Gbit/s, under the {:.1} Gbit/s that only a stall explains; per \
+             interval: {per_second:?}",
+            if reverse { " -R" } else { "" },
+            bps / 1e9,
+            MIN_IPERF3_BPS / 1e9
         ));
     }
     eprintln!(
