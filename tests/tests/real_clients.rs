@@ -41,7 +41,7 @@ use serde_yaml::Value;
 /// The most one case may take, set-up included: every client command's deadline is cut to fit.
 const CASE_BUDGET: Duration = Duration::from_secs(80);
 /// The most one client command may take (on loopback each takes a few seconds at most).
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(45);
 /// How long a server may take to listen.
 const SERVER_START: Duration = Duration::from_secs(15);
 /// curl gives up on a transfer that moved less than a byte a second for this long: a stall.
@@ -106,12 +106,8 @@ struct Balancer {
 }
 
 impl Balancer {
-    /// lb with `plane` in front of `backend`, or `None` when the plane needs root and the test
-    /// runs without it (see [`privileged`]).
-    fn start(plane: Plane, test: &str, backend: SocketAddr) -> Option<Balancer> {
-        if plane != Plane::Proxy && !privileged(test) {
-            return None;
-        }
+    /// lb with `plane` in front of `backend` ([`may_run`] said the plane may run).
+    fn start(plane: Plane, test: &str, backend: SocketAddr) -> Balancer {
         let pins = (plane != Plane::Proxy).then(PinDir::new);
         // Slow clients (a subscriber, pgbench's think time) are not idle for this long.
         let service = ServiceSpec::new("real", &[backend]).idle_timeout("120s");
@@ -132,12 +128,12 @@ impl Balancer {
             plane == Plane::SockmapAtOnce,
             "the config has the promotion key exactly for sockmap_at_once:\n{yaml}"
         );
-        Some(Balancer {
+        Balancer {
             lb,
             _pins: pins,
             plane,
             test: test.to_owned(),
-        })
+        }
     }
 
     fn addr(&self) -> SocketAddr {
@@ -212,6 +208,12 @@ impl Balancer {
         let summary = self.summary();
         eprintln!("{} [{}] passed; {summary}", self.test, self.plane.name());
     }
+}
+
+/// Whether `test` may run on `plane` with `programs`: each installed (else a skip, or a failure
+/// under `CI=true`: see [`have`]), and root for sockmap (see [`privileged`]).
+fn may_run(plane: Plane, test: &str, programs: &[&str]) -> bool {
+    have(test, programs) && (plane == Plane::Proxy || privileged(test))
 }
 
 /// One `#[test]` per case and dataplane: `CASE::proxy`, `CASE::sockmap_default_promotion`,
@@ -299,14 +301,12 @@ fn redis_cli(port: u16, args: &[&str]) -> Command {
 }
 
 fn redis_benchmark_with_1mib_values(plane: Plane, test: &str) {
-    if !have(test, &["redis-server", "redis-benchmark"]) {
+    if !may_run(plane, test, &["redis-server", "redis-benchmark"]) {
         return;
     }
     let budget = Budget::new(CASE_BUDGET);
     let redis = Redis::start();
-    let Some(mut lb) = Balancer::start(plane, test, redis.addr) else {
-        return;
-    };
+    let mut lb = Balancer::start(plane, test, redis.addr);
     // 20 SETs then 20 GETs of 1 MiB on 2 connections (pipelined replies are 1 MiB each).
     let run = run(
         Command::new(program_path("redis-benchmark"))
@@ -337,14 +337,12 @@ fn redis_benchmark_with_1mib_values(plane: Plane, test: &str) {
 }
 
 fn redis_cli_set_and_get_of_1mib(plane: Plane, test: &str) {
-    if !have(test, &["redis-server", "redis-cli"]) {
+    if !may_run(plane, test, &["redis-server", "redis-cli"]) {
         return;
     }
     let budget = Budget::new(CASE_BUDGET);
     let redis = Redis::start();
-    let Some(mut lb) = Balancer::start(plane, test, redis.addr) else {
-        return;
-    };
+    let mut lb = Balancer::start(plane, test, redis.addr);
     let dir = TempDir::new();
     for round in 0..3 {
         let key = format!("big{round}");
@@ -392,14 +390,12 @@ fn redis_cli_set_and_get_of_1mib(plane: Plane, test: &str) {
 }
 
 fn redis_publish_subscribe(plane: Plane, test: &str) {
-    if !have(test, &["redis-server", "redis-cli"]) {
+    if !may_run(plane, test, &["redis-server", "redis-cli"]) {
         return;
     }
     let budget = Budget::new(CASE_BUDGET);
     let redis = Redis::start();
-    let Some(mut lb) = Balancer::start(plane, test, redis.addr) else {
-        return;
-    };
+    let mut lb = Balancer::start(plane, test, redis.addr);
     let dir = TempDir::new();
     const MESSAGES: usize = 1000;
     let mut rng = Rng::new(0x5ab5);
@@ -507,7 +503,7 @@ fn is_root() -> bool {
 /// A PostgreSQL server program, run as `postgres` when we are root.
 fn as_postgres(program: &str) -> Command {
     if is_root() {
-        let mut c = Command::new("runuser");
+        let mut c = Command::new(program_path("runuser"));
         c.args(["-u", "postgres", "--"]).arg(program_path(program));
         c
     } else {
@@ -606,14 +602,16 @@ impl Drop for Postgres {
 }
 
 fn postgres_pgbench(plane: Plane, test: &str) {
-    if !have(test, &["initdb", "pg_ctl", "postgres", "pgbench", "psql"]) {
+    if !may_run(
+        plane,
+        test,
+        &["initdb", "pg_ctl", "postgres", "pgbench", "psql"],
+    ) {
         return;
     }
     let budget = Budget::new(CASE_BUDGET);
     let pg = Postgres::start(&budget);
-    let Some(mut lb) = Balancer::start(plane, test, pg.addr) else {
-        return;
-    };
+    let mut lb = Balancer::start(plane, test, pg.addr);
     let port = lb.port();
     let pgbench = |args: &[&str]| {
         let mut c = Command::new(program_path("pgbench"));
@@ -656,14 +654,12 @@ fn postgres_pgbench(plane: Plane, test: &str) {
 }
 
 fn postgres_copy_in_and_out_of_20mib(plane: Plane, test: &str) {
-    if !have(test, &["initdb", "pg_ctl", "postgres", "psql"]) {
+    if !may_run(plane, test, &["initdb", "pg_ctl", "postgres", "psql"]) {
         return;
     }
     let budget = Budget::new(CASE_BUDGET);
     let pg = Postgres::start(&budget);
-    let Some(mut lb) = Balancer::start(plane, test, pg.addr) else {
-        return;
-    };
+    let mut lb = Balancer::start(plane, test, pg.addr);
     let dir = TempDir::new();
     // 100,000 rows of an id and 200 random letters and digits: 20.6 MB of COPY text.
     const ROWS: u64 = 100_000;
@@ -911,7 +907,7 @@ fn download(lb: &mut Balancer, nginx: &Nginx, budget: &Budget, scheme: &str, nam
 }
 
 fn nginx_download(plane: Plane, test: &str, sendfile: bool) {
-    if !have(test, &["nginx", "curl"]) {
+    if !may_run(plane, test, &["nginx", "curl"]) {
         return;
     }
     let budget = Budget::new(CASE_BUDGET);
@@ -924,22 +920,18 @@ fn nginx_download(plane: Plane, test: &str, sendfile: bool) {
             len: 50 << 20,
         }],
     );
-    let Some(mut lb) = Balancer::start(plane, test, nginx.addr) else {
-        return;
-    };
+    let mut lb = Balancer::start(plane, test, nginx.addr);
     download(&mut lb, &nginx, &budget, "http", "big.bin");
     lb.report();
 }
 
 fn nginx_upload(plane: Plane, test: &str, sendfile: bool) {
-    if !have(test, &["nginx", "curl"]) {
+    if !may_run(plane, test, &["nginx", "curl"]) {
         return;
     }
     let budget = Budget::new(CASE_BUDGET);
     let nginx = Nginx::start(&budget, sendfile, false, &[]);
-    let Some(mut lb) = Balancer::start(plane, test, nginx.addr) else {
-        return;
-    };
+    let mut lb = Balancer::start(plane, test, nginx.addr);
     let src_dir = TempDir::new();
     let src = src_dir.path.join("up.bin");
     random_file(&src, 20 << 20);
@@ -988,7 +980,7 @@ fn nginx_sendfile_off_upload_of_20mib(plane: Plane, test: &str) {
 }
 
 fn tls_passthrough_download_of_20mib(plane: Plane, test: &str) {
-    if !have(test, &["nginx", "curl", "openssl"]) {
+    if !may_run(plane, test, &["nginx", "curl", "openssl"]) {
         return;
     }
     let budget = Budget::new(CASE_BUDGET);
@@ -1001,9 +993,7 @@ fn tls_passthrough_download_of_20mib(plane: Plane, test: &str) {
             len: 20 << 20,
         }],
     );
-    let Some(mut lb) = Balancer::start(plane, test, nginx.addr) else {
-        return;
-    };
+    let mut lb = Balancer::start(plane, test, nginx.addr);
     download(&mut lb, &nginx, &budget, "https", "tls.bin");
     lb.report();
 }
@@ -1012,7 +1002,7 @@ fn tls_passthrough_download_of_20mib(plane: Plane, test: &str) {
 // iperf3
 
 fn iperf3(plane: Plane, test: &str, reverse: bool) {
-    if !have(test, &["iperf3"]) {
+    if !may_run(plane, test, &["iperf3"]) {
         return;
     }
     let budget = Budget::new(CASE_BUDGET);
@@ -1030,9 +1020,7 @@ fn iperf3(plane: Plane, test: &str, reverse: bool) {
         &dir.path.join("iperf3-server.log"),
     );
     server.wait_listening(addr, SERVER_START);
-    let Some(mut lb) = Balancer::start(plane, test, addr) else {
-        return;
-    };
+    let mut lb = Balancer::start(plane, test, addr);
     let mut cmd = Command::new(program_path("iperf3"));
     cmd.args(["-c", "127.0.0.1", "-p", &lb.port(), "-t", "3", "-J"])
         .args(["--connect-timeout", "5000"]);
