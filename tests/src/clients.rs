@@ -136,7 +136,7 @@ impl Run {
     /// stdout.
     pub fn describe(&self) -> String {
         let end = match self.status {
-            Some(s) => format!("exited with {s} after {:.1}s", self.elapsed.as_secs_f64()),
+            Some(s) => format!("exited with {s} after {:.2}s", self.elapsed.as_secs_f64()),
             None => format!(
                 "STALLED: still running after {:.1}s, killed",
                 self.timeout.as_secs_f64()

@@ -39,7 +39,7 @@ use lb_tests::{
 use serde_yaml::Value;
 
 /// The most one case may take, set-up included: every client command's deadline is cut to fit.
-const CASE_BUDGET: Duration = Duration::from_secs(80);
+const CASE_BUDGET: Duration = Duration::from_secs(75);
 /// The most one client command may take (on loopback each takes a few seconds at most).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(45);
 /// How long a server may take to listen.
