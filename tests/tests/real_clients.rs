@@ -180,7 +180,9 @@ impl Balancer {
     /// Panics with `what`, the test and plane, and lb's summary (its stderr follows, printed
     /// as lb stops).
     fn fail(&mut self, what: &str) -> ! {
-        let summary = self.summary();
+        // A scrape that cannot be read must not hide `what`.
+        let summary = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.summary()))
+            .unwrap_or_else(|_| "lb's /metrics could not be read".to_owned());
         panic!(
             "{} [{}] FAILED: {what}\n{summary}",
             self.test,
