@@ -22,6 +22,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod clients;
 pub mod lb;
 pub mod load;
 pub mod netns;

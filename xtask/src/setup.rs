@@ -2,7 +2,8 @@
 //! when missing. Idempotent; each step says what it does and how long it took.
 //!
 //! - Debian packages: LLVM 22 (bpf-linker links against it; rustc 1.95 is on LLVM 22),
-//!   bpftool (map dumps), iproute2 (network namespaces for tests).
+//!   bpftool (map dumps), iproute2 (network namespaces for tests), and the real servers and
+//!   clients of `tests/tests/real_clients.rs` (redis, PostgreSQL, nginx, iperf3, openssl, curl).
 //! - bpf-linker, built against LLVM 22 (`cargo install`, about a minute on 2 cores).
 //! - rust-src, for `-Z build-std=core` (the eBPF target has no prebuilt core).
 //! - bpffs mounted on /sys/fs/bpf (maps are pinned there).
@@ -21,11 +22,26 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
     // GRO on the veth peer that receives XDP_TX frames in the xdp end-to-end tests.
     ("ethtool", "ethtool"),
 ];
+/// Real servers and clients run through lb by `tests/tests/real_clients.rs`: (a program the
+/// package ships, the package).
+const REAL_CLIENT_PACKAGES: &[(&str, &str)] = &[
+    ("redis-server", "redis-server"),
+    // redis-cli and redis-benchmark.
+    ("redis-cli", "redis-tools"),
+    ("nginx", "nginx"),
+    ("iperf3", "iperf3"),
+    ("openssl", "openssl"),
+    ("curl", "curl"),
+];
+/// PostgreSQL's server programs (initdb, pg_ctl, postgres, pgbench) live in
+/// `/usr/lib/postgresql/VERSION/bin`, not on PATH; Debian's `postgresql` package brings the
+/// current version.
+const POSTGRES_PACKAGE: &str = "postgresql";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn setup() -> anyhow::Result<()> {
     step(
-        "setup: Debian packages (LLVM 22, bpftool, iproute2)",
+        "setup: Debian packages (LLVM 22, bpftool, iproute2, real servers and clients)",
         apt_packages,
     )?;
     step("setup: bpf-linker (built against LLVM 22)", bpf_linker)?;
@@ -72,14 +88,42 @@ pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
 
 fn apt_packages() -> anyhow::Result<()> {
     let mut packages: Vec<&str> = LLVM_PACKAGES.to_vec();
-    for (tool, package) in TOOL_PACKAGES {
+    for (tool, package) in TOOL_PACKAGES.iter().chain(REAL_CLIENT_PACKAGES) {
         if !on_path(tool) && !std::path::Path::new("/usr/sbin").join(tool).exists() {
+            eprintln!("    {tool}: missing, from package {package}");
             packages.push(package);
         } else {
             eprintln!("    {tool}: present");
         }
     }
+    match postgres_bin() {
+        Some(bin) => eprintln!("    PostgreSQL: present in {}", bin.display()),
+        None => {
+            eprintln!(
+                "    PostgreSQL (initdb, pg_ctl, pgbench): missing, from package {POSTGRES_PACKAGE}"
+            );
+            packages.push(POSTGRES_PACKAGE);
+        }
+    }
     apt_install(&packages)
+}
+
+/// The newest `/usr/lib/postgresql/VERSION/bin` that has initdb, pg_ctl and pgbench.
+fn postgres_bin() -> Option<std::path::PathBuf> {
+    let mut versions: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            ["initdb", "pg_ctl", "pgbench"]
+                .iter()
+                .all(|p| bin.join(p).is_file())
+                .then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
