@@ -134,20 +134,26 @@ pub enum DropReason {
     NoMac = 4,
     /// NAT between address families (an IPv4 VIP with an IPv6 backend, or the reverse).
     Family = 5,
+    /// A multi-buffer frame whose IP options or TCP header run past its first buffer (the
+    /// only part the program can rewrite in place): not balanced. Drivers put the headers
+    /// in the first buffer, so this should stay at zero (see [`Event::HeadersSplit`]).
+    Split = 6,
 }
 
 impl DropReason {
     /// Every reason, in key order.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::Frag,
         DropReason::Short,
         DropReason::BadHeader,
         DropReason::NoBackend,
         DropReason::NoMac,
         DropReason::Family,
+        DropReason::Split,
     ];
-    /// Number of entries in [`names::XDP_DROPS`].
-    pub const COUNT: u32 = 6;
+    /// Number of entries in [`names::XDP_DROPS`]. A build that counts more reasons finds a
+    /// smaller pinned map and replaces it (counters only; flows and tables are kept).
+    pub const COUNT: u32 = 7;
 
     /// The label used in metrics and logs.
     pub const fn label(self) -> &'static str {
@@ -158,6 +164,7 @@ impl DropReason {
             DropReason::NoBackend => "no_backend",
             DropReason::NoMac => "no_mac",
             DropReason::Family => "family",
+            DropReason::Split => "split",
         }
     }
 }
@@ -186,11 +193,15 @@ pub enum Event {
     /// non-SYN"); a flow that began before the program was attached counts here once too.
     /// The flow is placed again by Maglev: the same backend unless the table changed.
     FlowMissNotSyn = 7,
+    /// A multi-buffer frame whose headers (Ethernet, IP with its options, TCP) are not all
+    /// in its first buffer: to a VIP it is dropped ([`DropReason::Split`]), anything else
+    /// passes untouched.
+    HeadersSplit = 8,
 }
 
 impl Event {
     /// Every event, in key order.
-    pub const ALL: [Event; 8] = [
+    pub const ALL: [Event; 9] = [
         Event::FlowHit,
         Event::FlowMiss,
         Event::FlowInsert,
@@ -199,10 +210,11 @@ impl Event {
         Event::NatReply,
         Event::VipNotTcp,
         Event::FlowMissNotSyn,
+        Event::HeadersSplit,
     ];
     /// Number of entries in [`names::XDP_EVENTS`]. A build that counts more events finds a
     /// smaller pinned map and replaces it (counters only; flows and tables are kept).
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 
     /// The label used in metrics and logs.
     pub const fn label(self) -> &'static str {
@@ -215,6 +227,7 @@ impl Event {
             Event::NatReply => "nat_reply",
             Event::VipNotTcp => "vip_not_tcp",
             Event::FlowMissNotSyn => "flow_miss_not_syn",
+            Event::HeadersSplit => "headers_split",
         }
     }
 }

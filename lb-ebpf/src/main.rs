@@ -16,6 +16,16 @@
 //! - non-TCP to a VIP address (ICMP, ...): `XDP_PASS`, counted as `vip_not_tcp`. TCP to a
 //!   VIP address on a port with no service: `XDP_PASS`.
 //!
+//! Multi-buffer frames: the program is frags-aware (`#[xdp(frags)]`, loaded with
+//! `BPF_F_XDP_HAS_FRAGS`), so drivers hand it frames larger than a page (GRO on a veth, jumbo
+//! MTUs) instead of refusing to attach it or dropping them. It reads and rewrites only the
+//! headers, which are in the first buffer; the payload in the fragments is never read (the
+//! checksum updates are incremental) and lengths come from the frame, never from the first
+//! buffer's size. A frame whose headers run past the first buffer (no driver is known to
+//! split inside the headers) is counted as `headers_split` and gets the verdicts above: not
+//! provably a VIP's, `XDP_PASS`; a VIP's, `XDP_DROP` with reason `split` (see
+//! [`split_at`]).
+//!
 //! Entry points are thin; counters are per-CPU; nothing logs per packet.
 #![no_std]
 #![no_main]
@@ -37,8 +47,8 @@ use lb_common::{
 
 use csum::Delta;
 use pkt::{
-    ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, TCP_LEN, mac_at, ptr_at, set_mac_at,
-    set_u16_at, set_u32_at, u8_at, u16_at, u32_at,
+    ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, TCP_LEN, frame_len, mac_at, ptr_at,
+    set_mac_at, set_u16_at, set_u32_at, u8_at, u16_at, u32_at,
 };
 
 // Map sizes below are defaults; the daemon sets the real ones at load from its config
@@ -98,9 +108,10 @@ const MAX_PROBES: u32 = 16;
 /// TCP SYN flag (in the flags byte, offset 13 of the TCP header).
 const TCP_SYN: u8 = 0x02;
 
-#[xdp]
+#[xdp(frags)]
 pub fn xdp_lb(ctx: XdpContext) -> u32 {
-    let len = ctx.data_end() - ctx.data();
+    // The whole frame: a multi-buffer frame is longer than its first buffer.
+    let len = frame_len(&ctx);
     let verdict = match try_xdp_lb(&ctx) {
         Ok(verdict) => verdict,
         // A packet for a VIP that cannot be balanced: dropped, not passed, because the local
@@ -129,8 +140,9 @@ struct Tcp {
 }
 
 fn try_xdp_lb(ctx: &XdpContext) -> Result<u32, DropReason> {
-    // Shorter than an Ethernet header: not ours to judge.
+    // Shorter than an Ethernet header (or one split over buffers): not ours to judge.
     let Some(eth) = ptr_at::<[u8; ETH_LEN]>(ctx, 0) else {
+        split_at(ctx, ETH_LEN);
         return Ok(xdp_action::XDP_PASS);
     };
     // SAFETY: the 14 bytes at eth are in bounds.
@@ -153,6 +165,7 @@ fn try_xdp_lb(ctx: &XdpContext) -> Result<u32, DropReason> {
 fn parse_v4(ctx: &XdpContext) -> Result<Option<Tcp>, DropReason> {
     // Without the 20 fixed bytes the destination is unknown: not provably a VIP's.
     let Some(ip) = ptr_at::<[u8; IPV4_LEN]>(ctx, ETH_LEN) else {
+        split_at(ctx, ETH_LEN + IPV4_LEN);
         return Ok(None);
     };
     // SAFETY: the 20 bytes at ip are in bounds.
@@ -182,7 +195,11 @@ fn parse_v4(ctx: &XdpContext) -> Result<Option<Tcp>, DropReason> {
     }
     // The real header length: options are skipped, not misread as TCP.
     let Some(l4) = ptr_at::<[u8; TCP_LEN]>(ctx, ETH_LEN + ihl) else {
-        return if_vip(FAMILY_V4, &dst, DropReason::Short);
+        return if_vip(
+            FAMILY_V4,
+            &dst,
+            short_or_split(ctx, ETH_LEN + ihl + TCP_LEN),
+        );
     };
     // SAFETY: the 20 bytes at l4 are in bounds.
     let (sport, dport, flags) = unsafe { (u16_at(l4), u16_at(l4 + 2), u8_at(l4 + 13)) };
@@ -203,6 +220,7 @@ fn parse_v4(ctx: &XdpContext) -> Result<Option<Tcp>, DropReason> {
 #[inline(always)]
 fn parse_v6(ctx: &XdpContext) -> Result<Option<Tcp>, DropReason> {
     let Some(ip) = ptr_at::<[u8; IPV6_LEN]>(ctx, ETH_LEN) else {
+        split_at(ctx, ETH_LEN + IPV6_LEN);
         return Ok(None);
     };
     // SAFETY: the 40 bytes at ip are in bounds.
@@ -238,7 +256,11 @@ fn parse_v6(ctx: &XdpContext) -> Result<Option<Tcp>, DropReason> {
         return Ok(None);
     }
     let Some(l4) = ptr_at::<[u8; TCP_LEN]>(ctx, ETH_LEN + IPV6_LEN) else {
-        return if_vip(FAMILY_V6, &dst, DropReason::Short);
+        return if_vip(
+            FAMILY_V6,
+            &dst,
+            short_or_split(ctx, ETH_LEN + IPV6_LEN + TCP_LEN),
+        );
     };
     // SAFETY: the 20 bytes at l4 are in bounds.
     let (sport, dport, flags) = unsafe { (u16_at(l4), u16_at(l4 + 2), u8_at(l4 + 13)) };
@@ -252,6 +274,35 @@ fn parse_v6(ctx: &XdpContext) -> Result<Option<Tcp>, DropReason> {
         dport,
         flags,
     }))
+}
+
+/// Headers ending at `end` are not in the frame's first buffer: whether the frame holds them
+/// all the same, in a multi-buffer frame split inside its headers (counted as
+/// `headers_split`), rather than being cut short.
+///
+/// Such a frame is not balanced: the program rewrites headers in place in the first buffer
+/// (`bpf_xdp_store_bytes` could reach further, but drivers, header-data split included, put
+/// every header in the first buffer, so the case is not worth a second rewrite path). To a
+/// VIP it is dropped rather than passed: the local stack owns the VIP address but not the
+/// service, so it would answer with a reset and kill the client's connection, while a drop
+/// is retransmitted, and counted.
+#[inline(always)]
+fn split_at(ctx: &XdpContext, end: usize) -> bool {
+    let split = frame_len(ctx) >= end;
+    if split {
+        event(Event::HeadersSplit);
+    }
+    split
+}
+
+/// Why a VIP packet whose headers end at `end`, past the first buffer, is dropped.
+#[inline(always)]
+fn short_or_split(ctx: &XdpContext, end: usize) -> DropReason {
+    if split_at(ctx, end) {
+        DropReason::Split
+    } else {
+        DropReason::Short
+    }
 }
 
 /// `Err(reason)` if `dst` is a VIP address, else `Ok(None)` (pass).

@@ -3,8 +3,13 @@
 //! [`ptr_at`] is the only way to get a pointer into the frame: it proves to the verifier (and
 //! to us) that `size_of::<T>()` bytes are there. Loads and stores go through the `*_at`
 //! helpers, which are unaligned: behind a 14-byte Ethernet header nothing is 4-byte aligned.
+//!
+//! Multi-buffer frames (XDP frags: GRO on a veth, an MTU above a page on a NIC): `ptr_at`
+//! reaches only the first buffer, `ctx.data()..ctx.data_end()`, which drivers fill with the
+//! headers and the start of the payload; the rest of the frame is in fragments the program
+//! never touches. [`frame_len`] is the length of the whole frame.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::bpf_xdp_get_buff_len, programs::XdpContext};
 
 /// Length of an Ethernet header (no VLAN tags: tagged frames are passed).
 pub const ETH_LEN: usize = 14;
@@ -19,7 +24,8 @@ pub const IPV6_LEN: usize = 40;
 /// Length of a TCP header without options.
 pub const TCP_LEN: usize = 20;
 
-/// The address of `size_of::<T>()` bytes at `off` into the frame, if the frame has them.
+/// The address of `size_of::<T>()` bytes at `off` into the frame, if the frame's first buffer
+/// has them (all of a frame that is not multi-buffer).
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<usize> {
     let start = ctx.data();
@@ -28,6 +34,15 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<usize> {
         return None;
     }
     Some(start + off)
+}
+
+/// The length of the whole frame, fragments included (`data_end - data` is only the first
+/// buffer's).
+#[inline(always)]
+pub fn frame_len(ctx: &XdpContext) -> usize {
+    // SAFETY: `ctx.ctx` is the context the kernel passed to this program, what the helper
+    // takes; it only reads the frame's lengths.
+    unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
 }
 
 /// Loads a `u8` at `p`.

@@ -23,6 +23,8 @@ pub struct Topology {
     pub lb_if: String,
     /// The bridge-side peer of lb's interface: it receives the XDP_TX frames.
     pub lb_peer: String,
+    /// Every veth end: (namespace, interface), the bridge's ports included.
+    pub ends: Vec<(String, String)>,
 }
 
 /// Adds an IPv6 address, usable at once (no duplicate address detection).
@@ -62,9 +64,18 @@ impl Topology {
         sw.exec(&["ip", "link", "set", "br0", "up"]);
         let client = NetNs::new("lbc");
         let lb = NetNs::new("lbl");
-        plug(&sw, &client, "c0");
+        let mut ends = Vec::new();
+        let c_peer = plug(&sw, &client, "c0");
+        ends.extend([
+            (client.name.clone(), "c0".to_owned()),
+            (sw.name.clone(), c_peer),
+        ]);
         let lb_if = "l0".to_owned();
         let lb_peer = plug(&sw, &lb, &lb_if);
+        ends.extend([
+            (lb.name.clone(), lb_if.clone()),
+            (sw.name.clone(), lb_peer.clone()),
+        ]);
         client.exec(&["ip", "addr", "add", "10.77.9.2/24", "dev", "c0"]);
         add6(&client, "fd77:9::2/64", "c0");
         for addr in ["10.77.0.1/24", "10.77.9.1/24", "10.77.9.100/32"] {
@@ -76,7 +87,8 @@ impl Topology {
         let mut backends = Vec::new();
         for (i, ip) in ["10.77.0.11", "10.77.0.12"].iter().enumerate() {
             let ns = NetNs::new(&format!("lbb{i}"));
-            plug(&sw, &ns, "e0");
+            let peer = plug(&sw, &ns, "e0");
+            ends.extend([(ns.name.clone(), "e0".to_owned()), (sw.name.clone(), peer)]);
             ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "e0"]);
             add6(&ns, &format!("fd77::{}/64", 11 + i), "e0");
             match replies {
@@ -118,6 +130,37 @@ impl Topology {
             backends,
             lb_if,
             lb_peer,
+            ends,
         }
+    }
+
+    /// Sets every link's MTU (both ends of each veth, and the bridge) and turns GRO on or off
+    /// on every veth end. With GRO on, a veth end aggregates the segments it receives (as
+    /// a NIC's GRO does), so the bridge and lb meet frames larger than the MTU; with an MTU
+    /// above a page's worth (about 3.5 KB), a native XDP program on a veth sees multi-buffer
+    /// frames. Call it before lb attaches: veth refuses an MTU change that a program attached
+    /// to its peer cannot take.
+    pub fn set_links(&self, mtu: u32, gro: bool) {
+        let mtu = mtu.to_string();
+        let gro = if gro { "on" } else { "off" };
+        for (ns, dev) in &self.ends {
+            sh(&["ip", "-n", ns, "link", "set", "dev", dev, "mtu", &mtu]);
+            sh(&["ip", "netns", "exec", ns, "ethtool", "-K", dev, "gro", gro]);
+        }
+        self.sw
+            .exec(&["ip", "link", "set", "dev", "br0", "mtu", &mtu]);
+        // GRO leaves the TCP checksum of what it aggregates to be finished on the way out
+        // (CHECKSUM_PARTIAL: only the pseudo-header sum in the field), and so do the
+        // segments the bridge-side peer cuts them back into for lb. Native XDP on a veth
+        // cannot see that mark and XDP_TX drops it, so the receiver would find a bad
+        // checksum (TcpInCsumErrors) whatever the program does. A NIC receives complete
+        // checksums from the wire: so does lb here.
+        self.sw.exec(&[
+            "ethtool",
+            "-K",
+            &self.lb_peer,
+            "tx",
+            if gro == "on" { "off" } else { "on" },
+        ]);
     }
 }

@@ -546,16 +546,22 @@ impl Held {
             let f = std::fs::File::open(path).unwrap();
             nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             let vip: SocketAddr = VIP.parse().unwrap();
-            let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).unwrap();
+            let s = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let mut reader = BufReader::new(s.try_clone().unwrap());
             let mut line = String::new();
             reader.read_line(&mut line).unwrap();
             name_tx.send(line.trim().to_owned()).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
             for q in questions {
                 let mut back = vec![0u8; q.len()];
-                let ok =
-                    s.write_all(&q).is_ok() && reader.read_exact(&mut back).is_ok() && back == q;
+                // Written from a thread of its own: a question larger than the socket
+                // buffers would otherwise wait on its own echo.
+                let mut w = s.try_clone().unwrap();
+                let sent = q.clone();
+                let writer = thread::spawn(move || w.write_all(&sent).is_ok());
+                let read = reader.read_exact(&mut back).is_ok();
+                let ok = writer.join().unwrap() && read && back == q;
                 if answer.send(ok).is_err() {
                     break;
                 }
@@ -570,7 +576,12 @@ impl Held {
     }
 
     fn echo(&self, text: &str) -> bool {
-        self.ask.send(text.as_bytes().to_vec()).unwrap();
+        self.echo_bytes(text.as_bytes().to_vec())
+    }
+
+    /// Sends `data` and waits (8 s at most) for all of it back.
+    fn echo_bytes(&self, data: Vec<u8>) -> bool {
+        self.ask.send(data).unwrap();
         self.answers
             .recv_timeout(Duration::from_secs(8))
             .unwrap_or(false)
@@ -948,6 +959,453 @@ fn xdp_program_left_attached_is_reported_by_a_proxy_daemon_and_removed_by_fresh(
         5,
         "the proxy answers on the VIP"
     );
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().unwrap();
+    }
+}
+
+// ---- multi-buffer frames: native attach with GRO and jumbo frames --------------------------
+
+/// The links of a multi-buffer case.
+#[derive(Clone, Copy, Debug)]
+enum Links {
+    /// MTU 1500, GRO on every veth end: the bridge meets aggregated frames.
+    Gro,
+    /// MTU 9000 and GRO on: frames above a page reach lb's XDP program as multi-buffer
+    /// frames (veth refuses to attach a program that is not frags-aware natively there).
+    Jumbo,
+}
+
+impl Links {
+    fn apply(self, topo: &Topology) {
+        match self {
+            Links::Gro => topo.set_links(1500, true),
+            Links::Jumbo => topo.set_links(9000, true),
+        }
+    }
+}
+
+/// A pseudo-random stream of bytes (xorshift), the same for the same seed.
+struct Pattern(u64);
+
+impl Pattern {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// Sends `len` bytes through `vip` to the echo backend and reads them back, hashing both
+/// directions with SHA-256. Every read and write times out after 10 s and the whole exchange
+/// after 90 s, so a stall fails instead of hanging. Ok: the time it took.
+fn bulk_exact(topo: &Topology, vip: &'static str, len: usize) -> Result<Duration, String> {
+    use sha2::{Digest as _, Sha256};
+    topo.client.run(move || {
+        let start = Instant::now();
+        let limit = Duration::from_secs(90);
+        let vip: SocketAddr = vip.parse().unwrap();
+        let s = TcpStream::connect_timeout(&vip, Duration::from_secs(3))
+            .map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .map_err(|e| format!("the backend's name: {e}"))?;
+        let mut w = s.try_clone().unwrap();
+        let writer = thread::spawn(move || -> Result<Vec<u8>, String> {
+            let mut pattern = Pattern(0x9e37_79b9_7f4a_7c15);
+            let mut hash = Sha256::new();
+            let mut buf = vec![0u8; 256 << 10];
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(buf.len());
+                pattern.fill(&mut buf[..n]);
+                hash.update(&buf[..n]);
+                w.write_all(&buf[..n])
+                    .map_err(|e| format!("write after {} bytes: {e}", len - left))?;
+                left -= n;
+                if start.elapsed() > limit {
+                    return Err(format!("writing took over {limit:?}"));
+                }
+            }
+            w.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+            Ok(hash.finalize().to_vec())
+        });
+        let mut hash = Sha256::new();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 256 << 10];
+        let read = loop {
+            if start.elapsed() > limit {
+                break Err(format!(
+                    "reading took over {limit:?} ({got} of {len} bytes)"
+                ));
+            }
+            match reader.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    hash.update(&buf[..n]);
+                    got += n;
+                }
+                Err(e) => break Err(format!("read after {got} of {len} bytes: {e}")),
+            }
+        };
+        // A stalled reader leaves the writer blocked; closing the socket frees it.
+        if read.is_err() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let sent = writer.join().unwrap();
+        read?;
+        let sent = sent?;
+        if got != len {
+            return Err(format!("{got} bytes came back, {len} were sent"));
+        }
+        if hash.finalize().to_vec() != sent {
+            return Err("the bytes that came back differ (sha256)".to_owned());
+        }
+        Ok(start.elapsed())
+    })
+}
+
+/// The sum of every per-CPU entry of a pinned per-CPU array of `u64` (bpftool's view).
+fn percpu_total(map: &str) -> u64 {
+    let out = sh(&["bpftool", "-j", "map", "dump", "pinned", map]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bpftool JSON for {map}: {e}"));
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|entry| {
+            entry["formatted"]["values"]
+                .as_array()
+                .or_else(|| entry["values"].as_array())
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|cpu| {
+            cpu["value"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("not a number: {cpu} in {v}"))
+        })
+        .sum()
+}
+
+/// What a failed exchange leaves to look at: every link's counters, and each lb's XDP
+/// counters.
+fn diagnose(topo: &Topology, lbs: &[&LbXdp]) -> String {
+    let mut out = String::new();
+    let mut namespaces: Vec<&NetNs> = vec![&topo.sw, &topo.client, &topo.lb];
+    namespaces.extend(&topo.backends);
+    for ns in namespaces {
+        let links = ns.exec(&["ip", "-s", "-s", "-d", "link"]);
+        let tcp = ns.exec(&[
+            "nstat",
+            "-az",
+            "TcpInCsumErrors",
+            "TcpInSegs",
+            "TcpRetransSegs",
+        ]);
+        out += &format!(
+            "--- {}\n{}{}",
+            ns.name,
+            String::from_utf8_lossy(&links.stdout),
+            String::from_utf8_lossy(&tcp.stdout)
+        );
+    }
+    for lb in lbs {
+        for map in ["XDP_STATS", "XDP_DROPS", "XDP_EVENTS"] {
+            let dump = sh(&[
+                "bpftool",
+                "map",
+                "dump",
+                "pinned",
+                &format!("{}/lb/{map}", lb.bpffs),
+            ]);
+            out += &format!(
+                "--- {} {map}\n{}",
+                lb.bpffs,
+                String::from_utf8_lossy(&dump.stdout)
+            );
+        }
+    }
+    out
+}
+
+/// Asserts that lb attached natively to its interface (`attach: auto` picked native).
+fn assert_native(lb: &LbXdp, topo: &Topology) {
+    let link = format!("{}/lb/XDP_LINK_native_{}", lb.bpffs, topo.lb_if);
+    assert!(
+        std::path::Path::new(&link).exists(),
+        "lb did not attach natively (no {link}):\n{}",
+        lb.log()
+    );
+}
+
+/// Native attach on links with GRO (and jumbo frames): short connections spread over both
+/// backends, and 32 MiB go up and come back down byte for byte, every frame through the
+/// program (no drop, XDP_TX bytes counted whole). NAT or DSR, IPv4 or IPv6.
+fn native_bulk(links: Links, replies: Replies, forwarding: &str, v6: bool) {
+    let topo = Topology::new(replies);
+    links.apply(&topo);
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers: Vec<_> = topo
+        .backends
+        .iter()
+        .zip(["b1", "b2"])
+        .map(|(ns, name)| backend(ns, name, Arc::clone(&stop)))
+        .collect();
+    let (vip, services) = if v6 { (VIP6, WEB6) } else { (VIP, WEB) };
+    let _pass = LbXdp::start(&topo.sw, &topo.lb_peer, "nat", "services: []\n", "starting");
+    let lb = LbXdp::start(
+        &topo.lb,
+        &topo.lb_if,
+        forwarding,
+        services,
+        "VIP programmed in XDP",
+    );
+    assert_native(&lb, &topo);
+    thread::sleep(Duration::from_millis(2500));
+    let names = names_seen_at(&topo, vip, 40);
+    assert!(
+        names.iter().any(|n| n == "b1") && names.iter().any(|n| n == "b2"),
+        "short connections spread over both backends: {names:?}"
+    );
+
+    let stats = format!("{}/lb/XDP_STATS", lb.bpffs);
+    let drops = format!("{}/lb/XDP_DROPS", lb.bpffs);
+    const XDP_TX: u32 = 3;
+    let tx_before = percpu_sum(&stats, XDP_TX, Some("bytes"));
+    let frames_before = percpu_sum(&stats, XDP_TX, Some("packets"));
+    let drops_before = percpu_total(&drops);
+    let len = 32usize << 20;
+    let took = bulk_exact(&topo, vip, len).unwrap_or_else(|e| {
+        panic!(
+            "{links:?} {forwarding} (IPv{}): {e}\n{}",
+            if v6 { 6 } else { 4 },
+            diagnose(&topo, &[&lb, &_pass])
+        )
+    });
+    let tx = percpu_sum(&stats, XDP_TX, Some("bytes")) - tx_before;
+    let frames = percpu_sum(&stats, XDP_TX, Some("packets")) - frames_before;
+    eprintln!(
+        "{links:?} {forwarding} IPv{}: 32 MiB each way in {took:?}; XDP_TX {frames} frames, {tx} bytes ({} per frame)",
+        if v6 { 6 } else { 4 },
+        tx / frames.max(1)
+    );
+    let through = if replies == Replies::ThroughLb { 2 } else { 1 };
+    assert!(
+        tx >= through * len as u64,
+        "XDP_TX counted {tx} bytes, less than the {} that went through it",
+        through * len as u64
+    );
+    assert_eq!(
+        percpu_total(&drops) - drops_before,
+        0,
+        "lb's program dropped frames during the exchange"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().unwrap();
+    }
+}
+
+#[test]
+fn xdp_native_gro_nat_ipv4_bulk_exact() {
+    if !lb_tests::privileged("xdp_native_gro_nat_ipv4_bulk_exact") {
+        return;
+    }
+    native_bulk(Links::Gro, Replies::ThroughLb, "nat", false);
+}
+
+#[test]
+fn xdp_native_gro_dsr_ipv4_bulk_exact() {
+    if !lb_tests::privileged("xdp_native_gro_dsr_ipv4_bulk_exact") {
+        return;
+    }
+    native_bulk(Links::Gro, Replies::Direct, "dsr", false);
+}
+
+#[test]
+fn xdp_native_gro_nat_ipv6_bulk_exact() {
+    if !lb_tests::privileged("xdp_native_gro_nat_ipv6_bulk_exact") {
+        return;
+    }
+    native_bulk(Links::Gro, Replies::ThroughLb, "nat", true);
+}
+
+#[test]
+fn xdp_native_gro_dsr_ipv6_bulk_exact() {
+    if !lb_tests::privileged("xdp_native_gro_dsr_ipv6_bulk_exact") {
+        return;
+    }
+    native_bulk(Links::Gro, Replies::Direct, "dsr", true);
+}
+
+#[test]
+fn xdp_native_jumbo_nat_ipv4_bulk_exact() {
+    if !lb_tests::privileged("xdp_native_jumbo_nat_ipv4_bulk_exact") {
+        return;
+    }
+    native_bulk(Links::Jumbo, Replies::ThroughLb, "nat", false);
+}
+
+#[test]
+fn xdp_native_jumbo_dsr_ipv4_bulk_exact() {
+    if !lb_tests::privileged("xdp_native_jumbo_dsr_ipv4_bulk_exact") {
+        return;
+    }
+    native_bulk(Links::Jumbo, Replies::Direct, "dsr", false);
+}
+
+#[test]
+fn xdp_native_jumbo_nat_ipv6_bulk_exact() {
+    if !lb_tests::privileged("xdp_native_jumbo_nat_ipv6_bulk_exact") {
+        return;
+    }
+    native_bulk(Links::Jumbo, Replies::ThroughLb, "nat", true);
+}
+
+#[test]
+fn xdp_native_jumbo_dsr_ipv6_bulk_exact() {
+    if !lb_tests::privileged("xdp_native_jumbo_dsr_ipv6_bulk_exact") {
+        return;
+    }
+    native_bulk(Links::Jumbo, Replies::Direct, "dsr", true);
+}
+
+/// Native attach on `links`: a held connection moves 1 MiB each way before `kill -9`, with lb
+/// dead, and after a restart on the same pins (the program replaced in the native link);
+/// then a new connection moves 8 MiB each way.
+fn native_kill_and_restart(links: Links) {
+    let topo = Topology::new(Replies::ThroughLb);
+    links.apply(&topo);
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers: Vec<_> = topo
+        .backends
+        .iter()
+        .zip(["b1", "b2"])
+        .map(|(ns, name)| backend(ns, name, Arc::clone(&stop)))
+        .collect();
+    let _pass = LbXdp::start(&topo.sw, &topo.lb_peer, "nat", "services: []\n", "starting");
+    let mut lb = LbXdp::start(&topo.lb, &topo.lb_if, "nat", WEB, "VIP programmed in XDP");
+    assert_native(&lb, &topo);
+    thread::sleep(Duration::from_millis(2500));
+    let mut pattern = Pattern(7);
+    let mut chunk = move || {
+        let mut data = vec![0u8; 1 << 20];
+        pattern.fill(&mut data);
+        data
+    };
+    let held = Held::open(&topo);
+    assert!(held.echo_bytes(chunk()), "1 MiB on the held connection");
+
+    lb.kill9();
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        held.echo_bytes(chunk()),
+        "the held connection (on {}) stopped when lb was killed",
+        held.backend
+    );
+    lb.restart(&topo.lb, "VIP programmed in XDP", &[]);
+    assert!(
+        lb.log().contains("XDP program replaced in the pinned link"),
+        "lb reused the pinned native link:\n{}",
+        lb.log()
+    );
+    assert_native(&lb, &topo);
+    assert!(
+        held.echo_bytes(chunk()),
+        "the held connection stopped after the restart"
+    );
+    bulk_exact(&topo, VIP, 8 << 20).unwrap_or_else(|e| panic!("after the restart: {e}"));
+    assert!(held.echo_bytes(chunk()), "the held connection, at the end");
+    drop(held);
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().unwrap();
+    }
+}
+
+#[test]
+fn xdp_native_gro_flow_survives_kill_and_restart() {
+    if !lb_tests::privileged("xdp_native_gro_flow_survives_kill_and_restart") {
+        return;
+    }
+    native_kill_and_restart(Links::Gro);
+}
+
+#[test]
+fn xdp_native_jumbo_flow_survives_kill_and_restart() {
+    if !lb_tests::privileged("xdp_native_jumbo_flow_survives_kill_and_restart") {
+        return;
+    }
+    native_kill_and_restart(Links::Jumbo);
+}
+
+#[test]
+fn xdp_auto_falls_back_to_generic_when_native_is_refused_and_says_why() {
+    if !lb_tests::privileged("xdp_auto_falls_back_to_generic_when_native_is_refused_and_says_why") {
+        return;
+    }
+    let topo = Topology::new(Replies::ThroughLb);
+    // veth refuses native XDP on a device with fewer rx queues (1) than its peer has tx
+    // queues (2): a device that cannot run the program natively.
+    topo.sw.exec(&["ethtool", "-L", &topo.lb_peer, "tx", "2"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers: Vec<_> = topo
+        .backends
+        .iter()
+        .zip(["b1", "b2"])
+        .map(|(ns, name)| backend(ns, name, Arc::clone(&stop)))
+        .collect();
+    let _pass = LbXdp::start(&topo.sw, &topo.lb_peer, "nat", "services: []\n", "starting");
+    let with_admin = format!("admin:\n  listen: \"127.0.0.1:9100\"\n{WEB}");
+    let lb = LbXdp::start(
+        &topo.lb,
+        &topo.lb_if,
+        "nat",
+        &with_admin,
+        "VIP programmed in XDP",
+    );
+    let log = lb.log();
+    assert!(
+        log.contains("native XDP refused; attaching in generic mode") && log.contains("queues"),
+        "lb says why native was refused:\n{log}"
+    );
+    let generic = format!("{}/lb/XDP_LINK_generic_{}", lb.bpffs, topo.lb_if);
+    assert!(
+        std::path::Path::new(&generic).exists(),
+        "attached in generic mode through {generic}:\n{log}"
+    );
+    // /status says so too (the admin API listens on lb's loopback).
+    let status = topo.lb.run(|| {
+        let start = Instant::now();
+        loop {
+            match lb_tests::admin::get("127.0.0.1:9100".parse().unwrap(), "/status") {
+                Ok(response) => break response.text(),
+                Err(e) if start.elapsed() > Duration::from_secs(5) => panic!("GET /status: {e}"),
+                Err(_) => thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    });
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["dataplane"], "xdp", "{status}");
+    assert_eq!(status["xdp"]["attach"], "generic", "{status}");
+    assert_eq!(status["xdp"]["interface"], topo.lb_if.as_str(), "{status}");
+    assert!(
+        status["xdp"]["native_refused"]
+            .as_str()
+            .is_some_and(|why| why.contains("queues")),
+        "{status}"
+    );
+    thread::sleep(Duration::from_millis(2500));
+    bulk_exact(&topo, VIP, 8 << 20).unwrap_or_else(|e| panic!("through generic XDP: {e}"));
     stop.store(true, Ordering::Relaxed);
     for s in servers {
         s.join().unwrap();

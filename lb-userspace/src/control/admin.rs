@@ -152,7 +152,17 @@ pub fn status_json(daemon: &Daemon) -> serde_json::Value {
         .iter()
         .map(|(name, why)| ((*name).to_owned(), json!(why)))
         .collect();
-    json!({ "dataplane": daemon.dataplane, "passed_over": passed_over, "services": services })
+    let mut status =
+        json!({ "dataplane": daemon.dataplane, "passed_over": passed_over, "services": services });
+    // Where and how the XDP program runs: `attach: auto` may have fallen back to generic.
+    if let Some(xdp) = &daemon.xdp {
+        status["xdp"] = json!({
+            "interface": xdp.interface,
+            "attach": xdp.mode.to_string(),
+            "native_refused": xdp.native_refused,
+        });
+    }
+    status
 }
 
 async fn status(State(app): State<App>) -> Json<serde_json::Value> {

@@ -59,6 +59,16 @@ pub fn render(status: &Value) -> String {
     for (name, why) in status["passed_over"].as_object().into_iter().flatten() {
         out.push_str(&format!("  not {name}: {}\n", why.as_str().unwrap_or("?")));
     }
+    if let Some(xdp) = status["xdp"].as_object() {
+        out.push_str(&format!(
+            "  xdp on {} ({})\n",
+            xdp["interface"].as_str().unwrap_or("?"),
+            xdp["attach"].as_str().unwrap_or("?"),
+        ));
+        if let Some(why) = xdp["native_refused"].as_str() {
+            out.push_str(&format!("  not native: {why}\n"));
+        }
+    }
     for service in status["services"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "\nservice {}  listen {}  algorithm {}{}\n",

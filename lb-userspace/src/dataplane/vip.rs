@@ -77,6 +77,8 @@ pub struct XdpRuntime {
     dp: Mutex<XdpDataplane>,
     pub interface: String,
     pub mode: AttachMode,
+    /// Why native attach was refused, when `attach: auto` fell back to generic.
+    pub native_refused: Option<String>,
     forwarding: crate::config::Forwarding,
     ids: Mutex<HashMap<SocketAddr, u32>>,
     max_backends: u32,
@@ -189,10 +191,12 @@ impl XdpRuntime {
                 neighbours.manage(backend.address.ip(), table.as_ref());
             }
         }
+        let native_refused = dp.native_refused().map(str::to_owned);
         Ok(XdpRuntime {
             dp: Mutex::new(dp),
             interface: xdp.interface.clone(),
             mode,
+            native_refused,
             forwarding: xdp.forwarding,
             ids: Mutex::new(ids),
             max_backends: options.max_backends,

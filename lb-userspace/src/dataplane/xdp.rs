@@ -283,6 +283,8 @@ pub struct XdpDataplane {
     attached: Option<(String, AttachMode)>,
     /// The pinned link, when attached with [`XdpDataplane::attach_pinned`].
     pinned_link: Option<PathBuf>,
+    /// Why native attach was refused, when `auto` fell back to generic.
+    native_refused: Option<String>,
 }
 
 /// The object built by build.rs from `lb-ebpf`.
@@ -348,6 +350,7 @@ impl XdpDataplane {
             pin_dir: pin_dir.to_owned(),
             attached: None,
             pinned_link: None,
+            native_refused: None,
         };
         // A reused set may predate the last service change: derive the flags again.
         dataplane.sync_config_flags()?;
@@ -386,18 +389,24 @@ impl XdpDataplane {
                     mode,
                     source: Box::new(source),
                 }),
+            // Never attached and dropping: a driver that refuses the program natively (no
+            // native XDP, an MTU or queue layout it cannot run it with) gets it in generic
+            // mode, which every device runs, and the log and `/status` say why.
             None => match program.attach(interface, AttachMode::Native.flags()) {
                 Ok(id) => Ok((AttachMode::Native, id)),
                 Err(native) => {
-                    tracing::info!(interface, error = %native, "native XDP unavailable, trying generic");
-                    program
+                    let why = refusal(&native);
+                    tracing::warn!(interface, why = %why, "native XDP refused; attaching in generic mode");
+                    let attached = program
                         .attach(interface, AttachMode::Generic.flags())
                         .map(|id| (AttachMode::Generic, id))
                         .map_err(|source| XdpError::AttachAny {
                             interface: interface.to_owned(),
-                            native: native.to_string(),
+                            native: why.clone(),
                             source: Box::new(source),
-                        })
+                        });
+                    self.native_refused = Some(why);
+                    attached
                 }
             },
         }
@@ -484,6 +493,11 @@ impl XdpDataplane {
                 .map_err(|e| XdpError::Program(Box::new(e)))?,
         );
         Ok(())
+    }
+
+    /// Why native attach was refused, when `auto` attached in generic mode instead.
+    pub fn native_refused(&self) -> Option<&str> {
+        self.native_refused.as_deref()
     }
 
     fn program_mut(&mut self) -> Result<&mut Xdp, XdpError> {
@@ -922,6 +936,41 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, XdpError> {
         }
     }
     Ok(removed)
+}
+
+/// Why the kernel refused to attach: the error with its causes, and what the errno means for
+/// XDP (the driver's own message goes to netlink's extack, which a BPF link does not carry).
+fn refusal(e: &ProgramError) -> String {
+    use nix::errno::Errno;
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text += &format!(": {c}");
+        cause = c.source();
+    }
+    let hint = [
+        (Errno::EOPNOTSUPP, "the driver has no native XDP"),
+        (
+            Errno::ERANGE,
+            "the MTU (on a veth: its peer's) is too large for the driver's native XDP",
+        ),
+        (
+            Errno::ENOSPC,
+            "the driver lacks queues for native XDP (a veth: fewer rx queues than its peer has tx queues)",
+        ),
+        (
+            Errno::EINVAL,
+            "the driver cannot run this program natively in its present configuration (MTU, queues, offloads)",
+        ),
+        (Errno::EBUSY, "another XDP program is attached"),
+        (Errno::EEXIST, "another XDP program is attached"),
+    ]
+    .into_iter()
+    .find(|(errno, _)| is_errno(e, *errno as i32));
+    match hint {
+        Some((_, hint)) => format!("{text} ({hint})"),
+        None => text,
+    }
 }
 
 fn is_errno(e: &ProgramError, errno: i32) -> bool {

@@ -879,6 +879,148 @@ fn xdp_ipv6_nat_and_dsr() {
     assert_eq!(f.counters().drops(DropReason::Frag), 1);
 }
 
+// ---- multi-buffer frames ---------------------------------------------------------------
+
+/// A payload that makes a jumbo frame (MTU 9000): more than BPF_PROG_TEST_RUN's first buffer
+/// (a page less headroom and shared info, about 3.5 KB) holds, so the kernel hands the program
+/// a multi-buffer frame with the rest in page fragments, as a driver does.
+fn jumbo_payload() -> Vec<u8> {
+    (0..8900u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+#[test]
+fn xdp_multi_buffer_frames_are_rewritten_in_their_first_buffer() {
+    let Some(mut f) = Fixture::new("xdp_frags") else {
+        return;
+    };
+    f.backends(&[3, 7]);
+    f.dp.set_service(sa(VIP), 0, Forwarding::Nat, ClientHash::IpPort, &[3; 257])
+        .unwrap();
+    let vip6 = sa("[2001:db8::100]:443");
+    let dsr6 = sa("[2001:db8::101]:443");
+    let client6 = sa("[2001:db8:ffff::7]:51000");
+    let backend6 = sa("[fd00::b:1]:8443");
+    f.dp.set_backend(7, backend6, backend_mac(7), true).unwrap();
+    f.dp.set_service(vip6, 1, Forwarding::Nat, ClientHash::IpPort, &[7; 11])
+        .unwrap();
+    f.dp.set_service(dsr6, 2, Forwarding::Dsr, ClientHash::IpPort, &[7; 11])
+        .unwrap();
+
+    // Each case: the frame in, and the frame that must come out (whole: the fragments
+    // untouched, the checksums right over the whole segment).
+    let nat = Pkt {
+        tcp_flags: TCP_SYN,
+        payload: jumbo_payload(),
+        ..Pkt::tcp(sa(CLIENT), sa(VIP))
+    };
+    let reply = Pkt {
+        src_mac: backend_mac(3),
+        payload: jumbo_payload(),
+        ..Pkt::tcp(backend_addr(3), sa(CLIENT))
+    };
+    let nat6 = Pkt {
+        payload: jumbo_payload(),
+        ..Pkt::tcp(client6, vip6)
+    };
+    let reply6 = Pkt {
+        src_mac: backend_mac(7),
+        payload: jumbo_payload(),
+        ..Pkt::tcp(backend6, client6)
+    };
+    let dsr = Pkt {
+        payload: jumbo_payload(),
+        ..Pkt::tcp(client6, dsr6)
+    };
+    let cases = [
+        (
+            "NAT client -> VIP",
+            nat.clone(),
+            Pkt {
+                dst: backend_addr(3),
+                dst_mac: backend_mac(3),
+                src_mac: LB_MAC,
+                ..nat
+            },
+        ),
+        (
+            "NAT reply",
+            reply.clone(),
+            Pkt {
+                src: sa(VIP),
+                src_mac: LB_MAC,
+                dst_mac: CLIENT_MAC,
+                ..reply
+            },
+        ),
+        (
+            "IPv6 NAT client -> VIP",
+            nat6.clone(),
+            Pkt {
+                dst: backend6,
+                dst_mac: backend_mac(7),
+                src_mac: LB_MAC,
+                ..nat6
+            },
+        ),
+        (
+            "IPv6 NAT reply",
+            reply6.clone(),
+            Pkt {
+                src: vip6,
+                src_mac: LB_MAC,
+                dst_mac: CLIENT_MAC,
+                ..reply6
+            },
+        ),
+        (
+            "IPv6 DSR",
+            dsr.clone(),
+            Pkt {
+                dst_mac: backend_mac(7),
+                src_mac: LB_MAC,
+                ..dsr
+            },
+        ),
+    ];
+    let mut bytes = 0;
+    for (what, pkt, expected) in cases {
+        let frame = pkt.frame();
+        assert!(frame.len() > 4096, "{what}: a multi-buffer frame");
+        bytes += frame.len() as u64;
+        let (verdict, out) = f.run(&frame);
+        assert_eq!(verdict, XDP_TX, "{what}");
+        assert_eq!(out.len(), frame.len(), "{what}: the whole frame comes out");
+        assert!(out == expected.frame(), "{what}: bytes differ");
+        assert_checksums_valid(&out);
+    }
+    let c = f.counters();
+    // Whole frames counted, not only their first buffers.
+    assert_eq!(c.packets(XdpAction::Tx).packets, 5, "{c:?}");
+    assert_eq!(c.packets(XdpAction::Tx).bytes, bytes, "{c:?}");
+    assert_eq!(c.event(Event::HeadersSplit), 0, "{c:?}");
+
+    // A jumbo frame to a VIP whose TCP header is cut short is still short (its first buffer
+    // holds all of it), and one that is not for a VIP passes untouched.
+    let mut cut = Pkt {
+        payload: jumbo_payload(),
+        ..Pkt::tcp(sa(CLIENT), sa(VIP))
+    }
+    .frame();
+    cut.truncate(44);
+    assert_eq!(f.run(&cut).0, XDP_DROP);
+    assert_eq!(f.counters().drops(DropReason::Short), 1);
+    let other = Pkt {
+        payload: jumbo_payload(),
+        ..Pkt::tcp(sa(CLIENT), sa("10.0.0.1:80"))
+    }
+    .frame();
+    let (verdict, out) = f.run(&other);
+    assert_eq!(verdict, XDP_PASS);
+    assert!(out == other, "passed untouched");
+}
+
 // ---- pins and layout -------------------------------------------------------------------
 
 #[test]
