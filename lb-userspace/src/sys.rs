@@ -239,3 +239,45 @@ pub fn mount_bpffs(at: &std::path::Path) -> io::Result<()> {
     )
     .map_err(io::Error::from)
 }
+
+/// The kernel driver of network interface `interface` (`ethtool -i`: ETHTOOL_GDRVINFO), e.g.
+/// `veth`, `mlx5_core`.
+pub fn interface_driver(interface: &str) -> io::Result<String> {
+    use std::os::fd::AsRawFd as _;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    /// `struct ethtool_drvinfo` (linux/ethtool.h).
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    if interface.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    // SAFETY: an all-zero ifreq is valid (a name and a union of plain data).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(interface.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = std::ptr::from_mut(&mut info).cast();
+    // SAFETY: SIOCETHTOOL with ETHTOOL_GDRVINFO writes at most a `struct ethtool_drvinfo`
+    // through ifru_data, which points at `info` (that size, alive for the call); `req` is a
+    // valid ifreq with a NUL-terminated name.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCETHTOOL, &mut req) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}

@@ -708,7 +708,7 @@ fn read_stream(mut s: &TcpStream, pattern: &Pattern, expect: u64, habits: Habits
                 }
                 bytes += n as u64;
                 reads += 1;
-                if habits.slow_read.is_some() && reads % 16 == 0 && reads < 16 * 1000 {
+                if habits.slow_read.is_some() && reads.is_multiple_of(16) && reads < 16 * 1000 {
                     thread::sleep(Duration::from_millis(1));
                 }
             }

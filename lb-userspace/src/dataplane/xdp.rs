@@ -392,6 +392,28 @@ impl XdpDataplane {
             // Never attached and dropping: a driver that refuses the program natively (no
             // native XDP, an MTU or queue layout it cannot run it with) gets it in generic
             // mode, which every device runs, and the log and `/status` say why.
+            // veth runs native XDP as an emulation that copies each frame out of its skb and
+            // loses the skb's checksum state: a locally sent or GRO-merged segment whose
+            // checksum is left to offload (CHECKSUM_PARTIAL) goes out of XDP_TX with a
+            // checksum nobody finishes, and the receiver drops it (bulk flows stall). Generic
+            // mode keeps that state, and was measured faster on veth as well.
+            None if crate::sys::interface_driver(interface).is_ok_and(|d| d == "veth") => {
+                let why = "a veth device: native XDP there drops the checksum-offload state of \
+                           local and GRO-merged packets (their XDP_TX frames arrive with bad \
+                           checksums); set attach: native to force it"
+                    .to_owned();
+                tracing::info!(interface, why = %why, "attaching in generic mode");
+                let attached = program
+                    .attach(interface, AttachMode::Generic.flags())
+                    .map(|id| (AttachMode::Generic, id))
+                    .map_err(|source| XdpError::AttachAny {
+                        interface: interface.to_owned(),
+                        native: why.clone(),
+                        source: Box::new(source),
+                    });
+                self.native_refused = Some(why);
+                attached
+            }
             None => match program.attach(interface, AttachMode::Native.flags()) {
                 Ok(id) => Ok((AttachMode::Native, id)),
                 Err(native) => {
