@@ -10,7 +10,7 @@
 //! - sockmap with a small threshold, crossed in the middle of a write;
 //! - sockmap with the hand-back to the splice relay forced for every bulk connection.
 
-use std::net::TcpStream;
+use std::{net::TcpStream, time::Duration};
 
 use lb_tests::{
     admin::render,
@@ -137,4 +137,145 @@ fn torture_sockmap_hand_back_forced() {
         &promote_after(0),
         &[("LB_SOCKMAP_HANDBACK_BACKLOG", "65536")],
     );
+}
+
+/// The xdp dataplane on the namespace topology (`lb_tests::topology`) with GRO on every veth
+/// end: lb in its namespace with XDP attached `attach` (native or generic) on its interface,
+/// forwarding NAT or DSR, one backend (b1) serving the torture rounds on port 80 of the VIP
+/// (DSR) or its own address (NAT), the client in its namespace. The bpffs is a private mount.
+fn torture_xdp(name: &str, attach: &str, forwarding: &str) {
+    use lb_tests::{
+        netns::sh,
+        topology::{Replies, Topology},
+    };
+    let replies = if forwarding == "dsr" {
+        Replies::Direct
+    } else {
+        Replies::ThroughLb
+    };
+    let topo = Topology::new(replies);
+    topo.set_links(1500, true);
+    let dir = lb_tests::lb::TempDir::new();
+    let bpffs = dir.path.join("bpf");
+    std::fs::create_dir_all(&bpffs).expect("bpffs dir");
+    let bpffs = bpffs.to_str().expect("utf-8").to_owned();
+    sh(&["mount", "-t", "bpf", "bpf", &bpffs]);
+    struct Unmount(String);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(bpffs.clone());
+    let backend = topo.backends[0]
+        .run(|| std::net::TcpListener::bind("0.0.0.0:80").expect("bind the backend on port 80"));
+    let start = |ns: &lb_tests::netns::NetNs, interface: &str, services: &str, n: u32| {
+        let yaml = format!(
+            "dataplane:\n  mode: xdp\n  pin_path: {bpffs}/lb{n}\n  xdp:\n    interface: {interface}\n    attach: {attach}\n    forwarding: {forwarding}\nshutdown_timeout: 2s\n{services}"
+        );
+        let config = dir.path.join(format!("lb{n}.yaml"));
+        let log = dir.path.join(format!("lb{n}.log"));
+        std::fs::write(&config, yaml).expect("write config");
+        let child = ns
+            .command(lb_tests::lb::binary().to_str().expect("utf-8"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn lb");
+        (KillOnDrop(child), log)
+    };
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let read = |log: &std::path::Path| std::fs::read_to_string(log).unwrap_or_default();
+    // The peer of lb's interface takes XDP_TX frames; native veth needs a program there too.
+    let _pass = (attach == "native").then(|| {
+        let (child, log) = start(&topo.sw, &topo.lb_peer, "services: []\n", 0);
+        let ok = lb_tests::stream::wait_until(Duration::from_secs(10), || {
+            read(&log).contains("starting")
+        });
+        assert!(ok, "the pass program did not start:\n{}", read(&log));
+        child
+    });
+    let services = "services:\n  - name: web\n    listen: \"10.77.9.100:80\"\n    algorithm: maglev\n    maglev_table_size: 5003\n    backends:\n      - address: \"10.77.0.11:80\"\n";
+    let (lb, log) = start(&topo.lb, &topo.lb_if, services, 1);
+    let programmed = lb_tests::stream::wait_until(Duration::from_secs(10), || {
+        read(&log).contains("VIP programmed in XDP")
+    });
+    assert!(programmed, "lb did not program the VIP:\n{}", read(&log));
+    assert!(
+        read(&log).contains(&format!("mode={attach}")) || attach == "auto",
+        "lb did not attach {attach}:\n{}",
+        read(&log)
+    );
+    // The backend's MAC is resolved in the background: give it a moment.
+    std::thread::sleep(Duration::from_millis(1500));
+    let client_ns = topo.client.name.clone();
+    let target = Target {
+        // A socket belongs to the namespace of the thread that makes it.
+        connect: Box::new(move || {
+            let path = format!("/var/run/netns/{client_ns}");
+            std::thread::spawn(move || {
+                let ns = std::fs::File::open(path)?;
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                TcpStream::connect_timeout(
+                    &"10.77.9.100:80".parse().expect("VIP"),
+                    Duration::from_secs(5),
+                )
+            })
+            .join()
+            .expect("connect thread")
+        }),
+        backend,
+        lb_pid: lb.0.id(),
+        count_fds: false,
+    };
+    // Fewer, smaller rounds: each byte crosses four veth hops and the program twice.
+    let budget = Budget::from_env(ROUNDS / 2, MAX_LEN / 4);
+    let rounds = torture::run(name, &target, budget);
+    assert!(rounds > 0, "no round ran");
+    let text = read(&log);
+    assert!(!text.contains("panicked"), "lb panicked:\n{text}");
+}
+
+#[test]
+fn torture_xdp_nat_native() {
+    if !privileged("torture_xdp_nat_native") {
+        return;
+    }
+    torture_xdp("xdp-nat-native", "native", "nat");
+}
+
+#[test]
+fn torture_xdp_nat_generic() {
+    if !privileged("torture_xdp_nat_generic") {
+        return;
+    }
+    torture_xdp("xdp-nat-generic", "generic", "nat");
+}
+
+#[test]
+fn torture_xdp_dsr_native() {
+    if !privileged("torture_xdp_dsr_native") {
+        return;
+    }
+    torture_xdp("xdp-dsr-native", "native", "dsr");
+}
+
+#[test]
+fn torture_xdp_dsr_generic() {
+    if !privileged("torture_xdp_dsr_generic") {
+        return;
+    }
+    torture_xdp("xdp-dsr-generic", "generic", "dsr");
 }

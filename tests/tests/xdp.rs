@@ -650,7 +650,8 @@ fn kill_and_restart(replies: Replies, forwarding: &str) {
         "VIP programmed in XDP",
     );
     thread::sleep(Duration::from_millis(2500));
-    let link = format!("{}/lb/XDP_LINK_native_{}", lb.bpffs, topo.lb_if);
+    // `attach: auto` on a veth: generic (see xdp_auto_on_veth_attaches_generic_...).
+    let link = format!("{}/lb/XDP_LINK_generic_{}", lb.bpffs, topo.lb_if);
     assert!(
         std::path::Path::new(&link).exists(),
         "the XDP link is pinned at {link}"

@@ -3,10 +3,12 @@
 //! - `cargo xtask test`: setup, fmt, clippy (host and eBPF), unit and end-to-end tests.
 //! - `cargo xtask demo`: three demo backends, lb in front, a few hundred connections.
 //! - `cargo xtask bench`: lb side by side with no balancer, HAProxy and nginx.
+//! - `cargo xtask torture`: the randomized torture suite for as long as asked, per dataplane.
 
 mod bench;
 mod demo;
 mod setup;
+mod torture;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +43,20 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
+    /// The torture suite (tests/tests/torture.rs) for N minutes per dataplane and mode.
+    Torture {
+        /// Minutes per dataplane and mode.
+        #[arg(long, default_value_t = 5)]
+        minutes: u64,
+        /// Only this one (proxy, auto, sockmap-defaults, sockmap-at-once, sockmap-1000,
+        /// sockmap-hand-back, xdp-nat-native, xdp-nat-generic, xdp-dsr-native,
+        /// xdp-dsr-generic), or a prefix of several (sockmap, xdp).
+        #[arg(long)]
+        dataplane: Option<String>,
+        /// Replay this seed (printed by every run).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +70,11 @@ fn main() -> anyhow::Result<()> {
             seconds,
             only,
         } => bench::bench(runs, seconds, only.as_deref()),
+        Task::Torture {
+            minutes,
+            dataplane,
+            seed,
+        } => torture::torture(minutes, dataplane.as_deref(), seed),
     }
 }
 
