@@ -56,6 +56,7 @@ pub fn torture(minutes: u64, dataplane: Option<&str>, seed: Option<u64>) -> anyh
                     "--",
                     "--exact",
                     test,
+                    "--include-ignored",
                     "--nocapture",
                 ],
                 &env,

@@ -236,16 +236,16 @@ impl Collector for LbCollector {
             labelled_counter(
                 &mut encoder,
                 "lb_sockmap_handed_back",
-                "Bulk connections the kernel fell behind on, handed back to the splice relay.",
+                "Bulk connections handed back to the splice relay (only with LB_SOCKMAP_HANDBACK_BACKLOG \
+                 set: off by default).",
                 "dataplane",
                 std::iter::once(("sockmap", sockmap.demoted.load(Relaxed))),
             )?;
             labelled_counter(
                 &mut encoder,
                 "lb_sockmap_holds",
-                "Times a direction was held for back pressure (its peer fell 4 MiB behind and the \
-                 connection could not be handed back: the daemon relayed its bytes until the \
-                 peer caught up).",
+                "Times a direction was held for back pressure (its peer fell 4 MiB behind: the \
+                 daemon relayed its bytes until the peer caught up).",
                 "dataplane",
                 std::iter::once(("sockmap", sockmap.holds.load(Relaxed))),
             )?;

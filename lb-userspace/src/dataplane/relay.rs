@@ -273,7 +273,7 @@ async fn direction(
         let moved = if splicing {
             splice_step(src, dst, pool).await?
         } else {
-            copy_step(src, dst, ready, pool).await?
+            copy_step(src, dst, Some(ready), pool).await?
         };
         match moved {
             None => continue,
@@ -346,18 +346,29 @@ async fn splice_step(
 
 /// One read from `src` into a pooled buffer, written on to `dst`. `None`: nothing to read
 /// after all; `Some(0)`: EOF.
+///
+/// `ready`: the readiness event the read answers, when a short read means the socket is
+/// drained (see [`read_once`]); `None` for a socket that has a psock (a sockmap's), whose
+/// reads return the bytes the verdict program passed up without looking at the receive
+/// queue behind them: there a short read proves nothing, and clearing readiness on it can
+/// leave bytes unread with no event to come.
 pub(super) async fn copy_step(
     src: &TcpStream,
     dst: &TcpStream,
-    ready: Ready,
+    ready: Option<Ready>,
     pool: &PipePool,
 ) -> Result<Option<usize>, DirError> {
     let mut buf = pool.get_buffer();
     let want = buf.len();
-    let n = match read_once(src, ready, want, || {
+    let read = || {
         use std::io::Read as _;
         (&*socket2::SockRef::from(src)).read(&mut buf)
-    }) {
+    };
+    let n = match ready {
+        Some(ready) => read_once(src, ready, want, read),
+        None => src.try_io(Interest::READABLE, read),
+    };
+    let n = match n {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             pool.put_buffer(buf);

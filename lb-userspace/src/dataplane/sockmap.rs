@@ -129,8 +129,8 @@ pub struct Sockmap {
     pub holds: AtomicU64,
     /// Bulk connections handed back to the daemon's splice relay.
     pub demoted: AtomicU64,
-    /// A direction's backlog past which a connection is handed back ([`BACKLOG_HIGH`];
-    /// [`HANDBACK_BACKLOG_ENV`] lowers it, for tests that force the hand-back).
+    /// A direction's backlog past which a connection is handed back to the splice relay:
+    /// never, unless [`HANDBACK_BACKLOG_ENV`] sets one (see there why).
     handback_backlog: u64,
     /// `SK_STATS` after the self-test: the metrics count clients' traffic only.
     baseline: [u64; SkEvent::COUNT as usize],
@@ -220,7 +220,7 @@ impl Sockmap {
             handback_backlog: std::env::var(HANDBACK_BACKLOG_ENV)
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(BACKLOG_HIGH),
+                .unwrap_or(u64::MAX),
             baseline: [0; SkEvent::COUNT as usize],
             pinned,
             _ebpf: ebpf,
@@ -522,12 +522,12 @@ impl Sockmap {
                 // ahead of it); do not spin if it does.
                 return Err(io::Error::other("EOF before the passed-up bytes"));
             }
-            let ready = tokio::select! {
-                r = dir.src.ready(Interest::READABLE) => r?,
+            tokio::select! {
+                r = dir.src.ready(Interest::READABLE) => { r?; }
                 // Re-check the other direction now and then.
                 () = tokio::time::sleep(Duration::from_millis(5)) => continue,
             };
-            match relay::copy_step(dir.src, dir.dst, ready, pool)
+            match relay::copy_step(dir.src, dir.dst, None, pool)
                 .await
                 .map_err(err)?
             {
@@ -736,8 +736,7 @@ impl Sockmap {
     async fn direction(&self, dir: &Dir<'_>, pool: &PipePool) -> Result<(), DirError> {
         let mut eof_since = None;
         loop {
-            let ready = dir
-                .src
+            dir.src
                 .ready(Interest::READABLE)
                 .await
                 .map_err(DirError::Source)?;
@@ -750,7 +749,7 @@ impl Sockmap {
             // Passed-up bytes go after everything redirected before them.
             self.drained(dir).await?;
             dir.busy.store(true, Relaxed);
-            let step = relay::copy_step(dir.src, dir.dst, ready, pool).await;
+            let step = relay::copy_step(dir.src, dir.dst, None, pool).await;
             dir.busy.store(false, Relaxed);
             match step? {
                 None => {}
@@ -775,8 +774,14 @@ impl Sockmap {
     }
 }
 
-/// Set in the environment (bytes), a lower backlog than [`BACKLOG_HIGH`] hands a connection
-/// back to the splice relay: tests force the hand-back with it.
+/// Set in the environment (bytes): a connection whose backlog passes it is handed back to the
+/// splice relay ([`Sockmap::demote`]). Off by default, so a bulk connection stays on the
+/// kernel path, held by back pressure ([`Sockmap::pressure`]): a backend that died while its
+/// connection was being handed back left the client without EOF or reset in about one case
+/// in four (test `a_killed_backend_mid_bulk_ends_every_client_and_leaks_nothing` with this
+/// set to 65536): bytes and the FIN that were off the receive queue, in the psock, when it was
+/// torn down were never readable again (`ss` shows them in Recv-Q, a read finds nothing).
+/// Kept for the torture suite's opt-in variant and for study.
 pub const HANDBACK_BACKLOG_ENV: &str = "LB_SOCKMAP_HANDBACK_BACKLOG";
 
 /// Back pressure: a direction whose bytes wait in the kernel's redirect queue beyond this is
