@@ -765,12 +765,9 @@ fn lb_sockets(pid: u32) -> String {
         .output()
         .expect("run ss");
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut lines = text.lines();
-    let mut keep = Vec::new();
-    while let Some(line) = lines.next() {
-        if line.contains(&format!("pid={pid},")) {
-            keep.push(line.to_owned());
-        }
-    }
+    let keep: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains(&format!("pid={pid},")))
+        .collect();
     keep.join("\n")
 }
