@@ -771,3 +771,67 @@ fn lb_sockets(pid: u32) -> String {
         .collect();
     keep.join("\n")
 }
+
+/// Issue 13's first report, as reported: a client streams 100,000 bytes in 8 KiB writes
+/// without reading, then half-closes; with the shipped promotion (64 KiB) the backend got
+/// 116,438 bytes, the range 65,482..81,920 twice (bytes the userspace relay had read from a
+/// partly read skb were redirected again after the hand-over). Here at several thresholds
+/// (the shipped one, and ones crossed mid-write) and write sizes, the backend must receive
+/// exactly the client's bytes, then EOF, and the client the backend's, both ways at once.
+#[test]
+fn an_upload_then_half_close_arrives_exact_at_every_promotion_threshold() {
+    if !privileged("an_upload_then_half_close_arrives_exact_at_every_promotion_threshold") {
+        return;
+    }
+    const LEN: u64 = 100_000;
+    for threshold in [None, Some(1000u64), Some(4096), Some(65_000), Some(99_999)] {
+        let (report, reports) = std::sync::mpsc::channel();
+        // The backend sends as many bytes back while it reads.
+        let backend = Backend::sink_source(LEN, 5, 6, report);
+        let pins = PinDir::new();
+        let config = LbConfig::new("sockmap", vec![ServiceSpec::new("up", &[backend.addr()])]);
+        let lb = AdminLb::start(&config, |doc| {
+            pins.edit()(doc);
+            match threshold {
+                // The shipped default: no sockmap key at all.
+                None => {
+                    doc["dataplane"]
+                        .as_mapping_mut()
+                        .expect("dataplane")
+                        .remove("sockmap");
+                }
+                Some(t) => {
+                    doc["dataplane"]["sockmap"]["promote_after_bytes"] = Value::from(t);
+                }
+            }
+        });
+        for write in [8192usize, 1000, 65536, 7] {
+            let mut client = connect(lb.addr());
+            let pattern = lb_tests::stream::Pattern::new(6);
+            let mut sent = 0u64;
+            while sent < LEN {
+                let chunk = pattern.at(sent, write.min((LEN - sent) as usize));
+                client.write_all(chunk).unwrap();
+                sent += chunk.len() as u64;
+            }
+            client.shutdown(Shutdown::Write).unwrap();
+            let back = lb_tests::stream::Pattern::new(5).receive(&mut client, LEN);
+            let seen = reports
+                .recv_timeout(Duration::from_secs(20))
+                .expect("the backend reports");
+            let case = format!("promote_after_bytes {threshold:?}, writes of {write}");
+            assert_eq!(
+                (seen.received.bytes, seen.received.first_mismatch),
+                (LEN, None),
+                "{case}: the backend received {} bytes (first wrong at {:?}), the client sent {LEN}",
+                seen.received.bytes,
+                seen.received.first_mismatch
+            );
+            assert!(seen.received.error.is_none(), "{case}: {:?}", seen.received);
+            assert!(
+                back.error.is_none() && back.bytes == LEN && back.first_mismatch.is_none(),
+                "{case}: the client got {back:?}"
+            );
+        }
+    }
+}
