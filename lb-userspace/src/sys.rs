@@ -145,6 +145,14 @@ pub fn tcp_bytes_received(socket: &impl AsFd) -> io::Result<u64> {
 const TCPI_BYTES_ACKED: usize = 120;
 const TCPI_BYTES_RECEIVED: usize = 128;
 
+/// Whether the TCP socket `socket` is ESTABLISHED (`tcpi_state`): neither side has sent a
+/// FIN yet.
+pub fn tcp_established(socket: &impl AsFd) -> io::Result<bool> {
+    const TCP_ESTABLISHED: u64 = 1;
+    // tcpi_state is the first byte of struct tcp_info.
+    Ok(tcp_info_u64(socket, 0)? & 0xff == TCP_ESTABLISHED)
+}
+
 /// The `u64` field at byte offset `at` of the socket's `struct tcp_info`.
 fn tcp_info_u64(socket: &impl AsFd, at: usize) -> io::Result<u64> {
     use std::os::fd::AsRawFd as _;

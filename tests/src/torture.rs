@@ -192,7 +192,8 @@ pub struct Budget {
 
 impl Budget {
     /// `rounds` rounds of at most `max_len` bytes each way, unless `LB_TORTURE_ROUNDS` /
-    /// `LB_TORTURE_SECONDS` / `LB_TORTURE_MAX_LEN` say otherwise.
+    /// `LB_TORTURE_SECONDS` / `LB_TORTURE_MAX_LEN` say otherwise (`LB_TORTURE_SIGHUP=0`: no
+    /// SIGHUPs).
     pub fn from_env(rounds: u64, max_len: u64) -> Budget {
         let num = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
         let seconds = num("LB_TORTURE_SECONDS");
@@ -204,7 +205,7 @@ impl Budget {
             }),
             time: Duration::from_secs(seconds.unwrap_or(600)),
             max_len: num("LB_TORTURE_MAX_LEN").unwrap_or(max_len),
-            sighup: true,
+            sighup: num("LB_TORTURE_SIGHUP") != Some(0),
         }
     }
 }

@@ -370,9 +370,25 @@ impl Sockmap {
             let c = sys::tcp_bytes_queued(&client)?;
             Ok((b, c))
         });
-        let inserted = bases
-            .map_err(SockmapError::Socket)
-            .and_then(|bases| Ok((bases, self.insert(&client, &backend)?)));
+        // Only two ESTABLISHED sockets go in. A socket that has seen a FIN cannot enter a
+        // sockmap, and when the second insertion fails, the first socket has already been in
+        // SK_SOCKS: the program passed its bytes up into its psock, which is gone (bytes and
+        // all) once the socket leaves the map again. The userspace relay then found bytes
+        // missing from the stream (the torture suite: a backend that half-closes as the
+        // connection is promoted). A FIN that arrives between this check and the second
+        // insertion can still do that: a window of two system calls.
+        let established = sys::tcp_established(&client)
+            .and_then(|c| Ok(c && sys::tcp_established(&backend)?))
+            .map_err(SockmapError::Socket);
+        let inserted = match established {
+            Ok(true) => bases
+                .map_err(SockmapError::Socket)
+                .and_then(|bases| Ok((bases, self.insert(&client, &backend)?))),
+            Ok(false) => Err(SockmapError::Socket(io::Error::other(
+                "a side has sent its FIN already",
+            ))),
+            Err(e) => Err(e),
+        };
         let ((backend_base, client_base), (cc, cb)) = match inserted {
             Ok(v) => v,
             Err(e) => {
@@ -736,7 +752,8 @@ impl Sockmap {
     async fn direction(&self, dir: &Dir<'_>, pool: &PipePool) -> Result<(), DirError> {
         let mut eof_since = None;
         loop {
-            dir.src
+            let ready = dir
+                .src
                 .ready(Interest::READABLE)
                 .await
                 .map_err(DirError::Source)?;
@@ -749,7 +766,7 @@ impl Sockmap {
             // Passed-up bytes go after everything redirected before them.
             self.drained(dir).await?;
             dir.busy.store(true, Relaxed);
-            let step = relay::copy_step(dir.src, dir.dst, None, pool).await;
+            let step = relay::copy_step(dir.src, dir.dst, Some(ready), pool).await;
             dir.busy.store(false, Relaxed);
             match step? {
                 None => {}
