@@ -3,7 +3,7 @@
 //! redirects every skb that arrives on one socket to the other's egress. Userspace never
 //! touches those bytes; it only watches each socket for EOF and errors.
 //!
-//! Handing a pair over ([`Sockmap::relay`]):
+//! Handing a pair over ([`Sockmap::relay`]), only when both sockets are ESTABLISHED:
 //! 1. each socket's peer goes into `SK_PEERS` (cookie -> peer cookie, byte counts), then both
 //!    sockets into `SK_SOCKS`, where the program starts to see their bytes.
 //! 2. bytes that were queued before the insertion (a client that sends before the backend
@@ -15,12 +15,11 @@
 //! 4. back pressure: the kernel's redirect queue has no bound of its own (measured here:
 //!    4 GiB in 20 s toward a frozen backend). The daemon watches each direction's backlog
 //!    (bytes redirected that have not reached the peer's send queue). Past 4 MiB the
-//!    connection is bulk: both sockets are parked in `SK_PARK`, leave `SK_SOCKS`, their
-//!    queues drain in order, and the splice relay takes over ([`Sockmap::demote`]). A socket
-//!    that has seen a FIN cannot be parked; then the direction is held (`SK_CTRL.hold`):
-//!    bytes are passed up, where they count against the socket's receive buffer, so TCP's
-//!    window closes on the sender, and the daemon relays them as the peer takes them. Below
-//!    1 MiB the kernel redirects again.
+//!    direction is held (`SK_CTRL.hold`): bytes are passed up, where they count against the
+//!    socket's receive buffer, so TCP's window closes on the sender, and the daemon relays
+//!    them as the peer takes them. Below 1 MiB the kernel redirects again. (The hand-back of
+//!    a bulk connection to the splice relay, [`Sockmap::demote`], is off by default: see
+//!    [`HANDBACK_BACKLOG_ENV`].)
 //! 5. EOF on one socket: once every byte it received has reached the other socket's send
 //!    queue (the program's byte count against the peer's `tcpi_bytes_acked` + SIOCOUTQ), the
 //!    FIN is passed on with `shutdown(SHUT_WR)`; the other direction keeps flowing.
