@@ -835,3 +835,69 @@ fn an_upload_then_half_close_arrives_exact_at_every_promotion_threshold() {
         }
     }
 }
+
+/// Found by a long torture run (seed 1796759325326428986 round 4247, `mode: auto`): an upload
+/// crosses the promotion threshold while the backend, which never reads, sends a long answer.
+/// The download direction paused for the promotion at a quiet moment, the upload could not
+/// (blocked writing to the backend), and the paused download relayed nothing: the client got
+/// 0 bytes, the backend blocked writing, for good. The promotion now gives up after a moment
+/// and both directions carry on in userspace. Ten connections, shipped promotion.
+#[test]
+fn a_promotion_never_stalls_one_direction_behind_a_blocked_one() {
+    if !privileged("a_promotion_never_stalls_one_direction_behind_a_blocked_one") {
+        return;
+    }
+    const DOWN: usize = 8 << 20;
+    // Never reads; answers DOWN bytes in 1 KiB writes, then closes.
+    let backend = Backend::spawn(|mut s| {
+        let chunk = [9u8; 1024];
+        let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
+        for _ in 0..DOWN / 1024 {
+            if s.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+        let _ = s.shutdown(Shutdown::Write);
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let pins = PinDir::new();
+    let config = LbConfig::new("sockmap", vec![ServiceSpec::new("st", &[backend.addr()])]);
+    let lb = AdminLb::start(&config, |doc| {
+        pins.edit()(doc);
+        doc["dataplane"]
+            .as_mapping_mut()
+            .expect("dataplane")
+            .remove("sockmap");
+    });
+    for i in 0..10 {
+        let client = connect(lb.addr());
+        client
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let mut writer = client.try_clone().unwrap();
+        // Uploads until the connection ends (the backend never reads: its window closes).
+        let uploader = std::thread::spawn(move || {
+            let chunk = [3u8; 65536];
+            let _ = writer.set_write_timeout(Some(Duration::from_secs(20)));
+            while writer.write_all(&chunk).is_ok() {}
+        });
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 65536];
+        let mut reader = &client;
+        let end = loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break "EOF".to_owned(),
+                Ok(n) => got += n,
+                Err(e) => break e.to_string(),
+            }
+        };
+        drop(client);
+        let _ = uploader.join();
+        assert_eq!(
+            got,
+            DOWN,
+            "connection {i}: the client got {got} of the backend's {DOWN} bytes, then {end}; lb:\n{}",
+            lb.stderr()
+        );
+    }
+}

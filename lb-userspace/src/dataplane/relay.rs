@@ -153,9 +153,19 @@ pub async fn relay_until(
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let (mut up_paused, mut down_paused) = (false, false);
+    // When the first direction paused for the promotion, and whether the promotion was given
+    // up: a paused direction relays nothing, so it must not wait for one that cannot reach a
+    // pause (blocked writing to a peer that itself waits for the paused direction's bytes).
+    let mut paused_at: Option<Instant> = None;
+    let mut abandoned = false;
     loop {
         let deadline = start + Duration::from_millis(activity.load(Relaxed)) + idle_timeout;
+        let give_up = paused_at.map_or(deadline, |at| at + PROMOTE_WAIT);
         tokio::select! {
+            () = tokio::time::sleep_until(give_up), if paused_at.is_some() && !abandoned => {
+                tracing::debug!("the promotion did not find both directions quiet within {PROMOTE_WAIT:?}; the connection stays in userspace");
+                abandoned = true;
+            }
             r = &mut up, if !up_done && !up_paused => match r {
                 Ok(DirEnd::Eof) => up_done = true,
                 Ok(DirEnd::Paused) => up_paused = true,
@@ -176,11 +186,29 @@ pub async fn relay_until(
             }
             () = force_close.cancelled() => return Step::Ended(Outcome::Shutdown),
         }
-        if up_paused && down_paused {
+        if up_paused && down_paused && !abandoned {
             return Step::Promote {
                 up: moved_up.load(Relaxed),
                 down: moved_down.load(Relaxed),
             };
+        }
+        if (up_paused || down_paused) && paused_at.is_none() {
+            paused_at = Some(Instant::now());
+        }
+        // Given up: a paused direction (now, or when the other pauses later) carries on here,
+        // without a promotion.
+        if abandoned && up_paused {
+            up.set(dir(client, backend, [counters.to_backend, &moved_up], None));
+            up_paused = false;
+        }
+        if abandoned && down_paused {
+            down.set(dir(
+                backend,
+                client,
+                [counters.to_client, &moved_down],
+                None,
+            ));
+            down_paused = false;
         }
         // One direction ended while the other stopped for a promotion: too late to hand the
         // connection over (its FIN is passed on already); the other carries on here.
@@ -202,6 +230,9 @@ pub async fn relay_until(
         }
     }
 }
+
+/// How long a direction that paused for the promotion waits for the other to pause too.
+const PROMOTE_WAIT: Duration = Duration::from_millis(200);
 
 /// A relay's promotion: bytes moved so far, and whether the directions were asked to stop.
 struct Promotion {
