@@ -290,13 +290,7 @@ impl Lb {
 
     /// The targets of /proc/PID/fd (`socket:[123]`, `pipe:[456]`, paths).
     pub fn fds(&self) -> Vec<String> {
-        let dir = format!("/proc/{}/fd", self.pid());
-        let entries = fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {dir}: {e}"));
-        entries
-            .filter_map(Result::ok)
-            .filter_map(|e| fs::read_link(e.path()).ok())
-            .map(|target| target.to_string_lossy().into_owned())
-            .collect()
+        fds_of(self.pid())
     }
 
     /// The fd count once it has held still for 300 ms (at most 5 s): a baseline to compare with.
@@ -597,4 +591,15 @@ impl LbConfig {
             e.stderr
         )
     }
+}
+
+/// The targets of /proc/PID/fd of process `pid` (`socket:[123]`, `pipe:[456]`, paths).
+pub fn fds_of(pid: u32) -> Vec<String> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {dir}: {e}"));
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .collect()
 }

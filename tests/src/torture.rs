@@ -278,7 +278,7 @@ pub fn run(name: &str, target: &Target, budget: Budget) -> u64 {
             "torture {name}: seed {seed}: lb holds {} sockets after {rounds} rounds, {fds} \
              before (leak); its fds: {:?}",
             now,
-            fd_targets(target.lb_pid)
+            crate::lb::fds_of(target.lb_pid)
         );
     }
     let secs = started.elapsed().as_secs_f64();
@@ -290,22 +290,11 @@ pub fn run(name: &str, target: &Target, budget: Budget) -> u64 {
     rounds
 }
 
-fn fd_targets(pid: u32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .map(|t| t.to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// lb's fd count once it has held still for 300 ms (at most 5 s).
 fn settled_fds(pid: u32) -> usize {
     // Sockets only: idle pipes and buffers stay pooled for reuse, by design.
     let count = || {
-        fd_targets(pid)
+        crate::lb::fds_of(pid)
             .iter()
             .filter(|t| t.starts_with("socket:"))
             .count()

@@ -96,7 +96,7 @@ fn apt_packages() -> anyhow::Result<()> {
             eprintln!("    {tool}: present");
         }
     }
-    match postgres_bin() {
+    match lb_tests::clients::postgres_bin() {
         Some(bin) => eprintln!("    PostgreSQL: present in {}", bin.display()),
         None => {
             eprintln!(
@@ -106,24 +106,6 @@ fn apt_packages() -> anyhow::Result<()> {
         }
     }
     apt_install(&packages)
-}
-
-/// The newest `/usr/lib/postgresql/VERSION/bin` that has initdb, pg_ctl and pgbench.
-fn postgres_bin() -> Option<std::path::PathBuf> {
-    let mut versions: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
-            let bin = e.path().join("bin");
-            ["initdb", "pg_ctl", "pgbench"]
-                .iter()
-                .all(|p| bin.join(p).is_file())
-                .then_some((version, bin))
-        })
-        .collect();
-    versions.sort();
-    versions.pop().map(|(_, bin)| bin)
 }
 
 fn bpf_linker() -> anyhow::Result<()> {

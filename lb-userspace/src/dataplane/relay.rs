@@ -195,28 +195,14 @@ pub async fn relay_until(
         if (up_paused || down_paused) && paused_at.is_none() {
             paused_at = Some(Instant::now());
         }
-        // Given up: a paused direction (now, or when the other pauses later) carries on here,
-        // without a promotion.
-        if abandoned && up_paused {
+        // A paused direction carries on here, without a promotion, when the promotion was
+        // given up (now, or when the other pauses later), or when the other direction ended
+        // (its FIN is passed on already: too late to hand the connection over).
+        if up_paused && (abandoned || down_done) {
             up.set(dir(client, backend, [counters.to_backend, &moved_up], None));
             up_paused = false;
         }
-        if abandoned && down_paused {
-            down.set(dir(
-                backend,
-                client,
-                [counters.to_client, &moved_down],
-                None,
-            ));
-            down_paused = false;
-        }
-        // One direction ended while the other stopped for a promotion: too late to hand the
-        // connection over (its FIN is passed on already); the other carries on here.
-        if up_paused && down_done {
-            up.set(dir(client, backend, [counters.to_backend, &moved_up], None));
-            up_paused = false;
-        }
-        if down_paused && up_done {
+        if down_paused && (abandoned || up_done) {
             down.set(dir(
                 backend,
                 client,

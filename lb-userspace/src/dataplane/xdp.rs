@@ -397,12 +397,23 @@ impl XdpDataplane {
             // checksum is left to offload (CHECKSUM_PARTIAL) goes out of XDP_TX with a
             // checksum nobody finishes, and the receiver drops it (bulk flows stall). Generic
             // mode keeps that state, and was measured faster on veth as well.
-            None if crate::sys::interface_driver(interface).is_ok_and(|d| d == "veth") => {
-                let why = "a veth device: native XDP there drops the checksum-offload state of \
-                           local and GRO-merged packets (their XDP_TX frames arrive with bad \
-                           checksums); set attach: native to force it"
-                    .to_owned();
-                tracing::info!(interface, why = %why, "attaching in generic mode");
+            None => {
+                let why = if crate::sys::interface_driver(interface).is_ok_and(|d| d == "veth") {
+                    let why = "a veth device: native XDP there drops the checksum-offload state \
+                               of local and GRO-merged packets (their XDP_TX frames arrive with \
+                               bad checksums); set attach: native to force it";
+                    tracing::info!(interface, why, "attaching in generic mode");
+                    why.to_owned()
+                } else {
+                    match program.attach(interface, AttachMode::Native.flags()) {
+                        Ok(id) => return Ok((AttachMode::Native, id)),
+                        Err(native) => {
+                            let why = refusal(&native);
+                            tracing::warn!(interface, why = %why, "native XDP refused; attaching in generic mode");
+                            why
+                        }
+                    }
+                };
                 let attached = program
                     .attach(interface, AttachMode::Generic.flags())
                     .map(|id| (AttachMode::Generic, id))
@@ -414,23 +425,6 @@ impl XdpDataplane {
                 self.native_refused = Some(why);
                 attached
             }
-            None => match program.attach(interface, AttachMode::Native.flags()) {
-                Ok(id) => Ok((AttachMode::Native, id)),
-                Err(native) => {
-                    let why = refusal(&native);
-                    tracing::warn!(interface, why = %why, "native XDP refused; attaching in generic mode");
-                    let attached = program
-                        .attach(interface, AttachMode::Generic.flags())
-                        .map(|id| (AttachMode::Generic, id))
-                        .map_err(|source| XdpError::AttachAny {
-                            interface: interface.to_owned(),
-                            native: why.clone(),
-                            source: Box::new(source),
-                        });
-                    self.native_refused = Some(why);
-                    attached
-                }
-            },
         }
     }
 
