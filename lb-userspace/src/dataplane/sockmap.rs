@@ -287,9 +287,12 @@ impl Sockmap {
         }
         .and_then(|()| {
             let mut socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
+            // `b` (the backend) first: a client byte that arrives between the two insertions
+            // then just waits in the queue for the kick below, rather than meeting the program
+            // while its peer is missing and being passed up to the daemon.
             socks
-                .insert(ca, a.as_raw_fd(), 0)
-                .and_then(|()| socks.insert(cb, b.as_raw_fd(), 0))
+                .insert(cb, b.as_raw_fd(), 0)
+                .and_then(|()| socks.insert(ca, a.as_raw_fd(), 0))
                 .map_err(map_err(names::SK_SOCKS))
         })
         // Bytes that arrived before the insertion wait in the receive queues: run them
