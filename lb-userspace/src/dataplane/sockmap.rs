@@ -268,8 +268,15 @@ impl Sockmap {
     }
 
     /// Puts both sockets in the maps: peers first, so the program finds every socket's
-    /// entry. On an error nothing is left behind.
-    fn insert(&self, a: &TcpStream, b: &TcpStream) -> Result<(u64, u64), SockmapError> {
+    /// entry, then `b` (the backend), then `a` (the client). Returns the cookies, and whether
+    /// `a` went in.
+    ///
+    /// When `b` is in and `a` cannot follow (it has just seen a FIN: a socket in CLOSE_WAIT
+    /// cannot enter a sockmap), `b` stays in: the program has been passing its bytes up
+    /// into its psock since it went in (its peer is missing), and the psock, bytes and all,
+    /// would go with it if it left. The daemon reads them from there and relays `a`'s
+    /// direction itself ([`Dir::in_kernel`] false). On any other error nothing is left behind.
+    fn insert(&self, a: &TcpStream, b: &TcpStream) -> Result<(u64, u64, bool), SockmapError> {
         use std::os::fd::AsRawFd as _;
         let ca = sys::socket_cookie(a).map_err(SockmapError::Socket)?;
         let cb = sys::socket_cookie(b).map_err(SockmapError::Socket)?;
@@ -292,21 +299,33 @@ impl Sockmap {
             // while its peer is missing and being passed up to the daemon.
             socks
                 .insert(cb, b.as_raw_fd(), 0)
-                .and_then(|()| socks.insert(ca, a.as_raw_fd(), 0))
-                .map_err(map_err(names::SK_SOCKS))
+                .map_err(map_err(names::SK_SOCKS))?;
+            if let Some(delay) = insert_delay() {
+                std::thread::sleep(delay);
+            }
+            Ok(match socks.insert(ca, a.as_raw_fd(), 0) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "the client socket cannot follow the backend's into SK_SOCKS; the daemon relays the client's bytes");
+                    false
+                }
+            })
         })
         // Bytes that arrived before the insertion wait in the receive queues: run them
         // through the program now (a read would too, but see `kick_receive_queue`).
-        .and_then(|()| {
+        .and_then(|a_in| {
             sys::kick_receive_queue(a)
                 .and_then(|()| sys::kick_receive_queue(b))
-                .map_err(SockmapError::Socket)
+                .map_err(SockmapError::Socket)?;
+            Ok(a_in)
         });
-        if let Err(e) = inserted {
-            self.forget(ca, cb);
-            return Err(e);
+        match inserted {
+            Ok(a_in) => Ok((ca, cb, a_in)),
+            Err(e) => {
+                self.forget(ca, cb);
+                Err(e)
+            }
         }
-        Ok((ca, cb))
     }
 
     /// Takes both sockets out of every map.
@@ -372,13 +391,9 @@ impl Sockmap {
             let c = sys::tcp_bytes_queued(&client)?;
             Ok((b, c))
         });
-        // Only two ESTABLISHED sockets go in. A socket that has seen a FIN cannot enter a
-        // sockmap, and when the second insertion fails, the first socket has already been in
-        // SK_SOCKS: the program passed its bytes up into its psock, which is gone (bytes and
-        // all) once the socket leaves the map again. The userspace relay then found bytes
-        // missing from the stream (the torture suite: a backend that half-closes as the
-        // connection is promoted). A FIN that arrives between this check and the second
-        // insertion can still do that: a window of two system calls.
+        // Only two ESTABLISHED sockets go in: a socket that has seen a FIN cannot enter a
+        // sockmap. A FIN that arrives on the client between this check and its insertion is
+        // handled by `insert` (the backend's socket stays in, the daemon relays the client).
         let established = sys::tcp_established(&client)
             .and_then(|c| Ok(c && sys::tcp_established(&backend)?))
             .map_err(SockmapError::Socket);
@@ -391,7 +406,7 @@ impl Sockmap {
             ))),
             Err(e) => Err(e),
         };
-        let ((backend_base, client_base), (cc, cb)) = match inserted {
+        let ((backend_base, client_base), (cc, cb, client_in)) = match inserted {
             Ok(v) => v,
             Err(e) => {
                 self.kept.fetch_add(1, Relaxed);
@@ -412,7 +427,7 @@ impl Sockmap {
         };
         self.handed.fetch_add(1, Relaxed);
         let (up_before, down_before) = relayed_before;
-        let up = Dir::new(
+        let mut up = Dir::new(
             &client,
             &backend,
             cc,
@@ -420,6 +435,7 @@ impl Sockmap {
             up_before,
             counters.to_backend,
         );
+        up.in_kernel = client_in;
         let down = Dir::new(
             &backend,
             &client,
@@ -597,6 +613,10 @@ impl Sockmap {
     /// forever on a count that does not add up.
     async fn all_seen(&self, dir: &Dir<'_>, since: &mut Option<Instant>) -> Result<bool, DirError> {
         let source = |e: io::Error| DirError::Source(e);
+        if !dir.in_kernel {
+            // A plain socket reads EOF only after every byte before the FIN.
+            return Ok(true);
+        }
         let since = *since.get_or_insert_with(Instant::now);
         if since.elapsed() > Duration::from_secs(2) {
             tracing::warn!(
@@ -699,6 +719,7 @@ impl Sockmap {
                         // and cheaper (docs/benchmarks.md): hand the connection back, at a
                         // moment when neither direction holds bytes.
                         if backlog > self.handback_backlog
+                            && up.in_kernel
                             && !up_done
                             && !down_done
                             && !up.busy.load(Relaxed)
@@ -803,6 +824,20 @@ impl Sockmap {
 /// Kept for the torture suite's opt-in variant and for study.
 pub const HANDBACK_BACKLOG_ENV: &str = "LB_SOCKMAP_HANDBACK_BACKLOG";
 
+/// Set in the environment (milliseconds): a pause between the backend's and the client's
+/// insertion into `SK_SOCKS`, so that tests can land a FIN in it.
+pub const INSERT_DELAY_ENV: &str = "LB_SOCKMAP_TEST_INSERT_DELAY_MS";
+
+fn insert_delay() -> Option<Duration> {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var(INSERT_DELAY_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    })
+}
+
 /// Back pressure: a direction whose bytes wait in the kernel's redirect queue beyond this is
 /// held (about one socket buffer), and let go at [`BACKLOG_LOW`].
 const BACKLOG_HIGH: u64 = 4 << 20;
@@ -827,6 +862,9 @@ struct Dir<'a> {
     bytes: &'a AtomicU64,
     /// Held for back pressure: the program passes every byte up.
     held: AtomicBool,
+    /// `src` is in `SK_SOCKS`. False only for a client that could not follow its backend in
+    /// ([`Sockmap::insert`]): the daemon reads all its bytes itself.
+    in_kernel: bool,
     /// Bytes the userspace relay read from `src` before the hand-over (`promote_after_bytes`):
     /// in `tcpi_bytes_received`, never seen by the program.
     read_before: u64,
@@ -861,6 +899,7 @@ impl<'a> Dir<'a> {
             held: AtomicBool::new(false),
             read_before,
             busy: AtomicBool::new(false),
+            in_kernel: true,
         }
     }
 }
