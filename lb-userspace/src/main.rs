@@ -24,6 +24,24 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
+/// Exit code of `lb run` after a panic anywhere (sysexits' EX_SOFTWARE): the process ends,
+/// so a supervisor restarts it, rather than living on with a dead thread and serving nothing.
+const EXIT_PANIC: i32 = 70;
+
+/// Set in the environment, lb panics on purpose in the first connection it handles (the test
+/// of [`exit_on_panic`]).
+pub const PANIC_TEST_ENV: &str = "LB_TEST_PANIC_ON_CONNECTION";
+
+/// Makes any panic, on any thread, end the process with [`EXIT_PANIC`] once it is logged.
+fn exit_on_panic() {
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print(info);
+        tracing::error!(panic = %info, "lb panicked; exiting (code {EXIT_PANIC}) so that a supervisor restarts it");
+        std::process::exit(EXIT_PANIC);
+    }));
+}
+
 /// Exit code of `lb run` when the configuration is invalid (sysexits' EX_CONFIG), so a
 /// supervisor can tell "fix the file" from "crashed".
 const EXIT_BAD_CONFIG: u8 = 78;
@@ -48,6 +66,7 @@ fn main() -> ExitCode {
             workers,
             fresh,
         } => {
+            exit_on_panic();
             // Load and validate before binding or attaching anything.
             let mut config = match config::load(&path) {
                 Ok(config) => config,

@@ -1255,3 +1255,127 @@ fn unquoted_ipv6_addresses_get_a_hint() {
     assert!(first.starts_with("v6.yaml:3:"), "{first}");
     assert!(first.contains("quote IPv6 addresses"), "{first}");
 }
+
+// ---- values the kernel or the runtime would refuse (issue 14) ------------------------------
+
+#[test]
+fn keepalive_outside_the_kernels_range_is_refused() {
+    for bad in ["10h", "500ms", "1ns", "1500ms"] {
+        one_error(
+            &minimal_with(&[&format!("    tcp_keepalive: {bad}")]),
+            6,
+            20,
+            "whole seconds from 1s to 32767s",
+        );
+    }
+    for good in ["1s", "60s", "9h6m7s"] {
+        let config = ok(&minimal_with(&[&format!("    tcp_keepalive: {good}")]));
+        assert!(config.services[0].tcp_keepalive.is_some(), "{good}");
+    }
+}
+
+#[test]
+fn a_duration_longer_than_a_year_is_refused_everywhere() {
+    one_error(
+        &minimal_with(&["    idle_timeout: 500000000000years"]),
+        6,
+        19,
+        "365d",
+    );
+    one_error(
+        &minimal_with(&["    connect_timeout: 366d"]),
+        6,
+        22,
+        "365d",
+    );
+    let config = ok(&minimal_with(&["    idle_timeout: 365d"]));
+    assert_eq!(config.services[0].idle_timeout, secs(365 * 24 * 3600));
+}
+
+#[test]
+fn a_backend_that_is_lbs_own_listener_is_refused() {
+    // The service's own address.
+    one_error(
+        &[
+            "services:",
+            "  - name: web",
+            "    listen: 127.0.0.1:8080",
+            "    backends:",
+            "      - address: 127.0.0.1:8080",
+        ],
+        5,
+        18,
+        "lb would connect to itself",
+    );
+    // Another service's wildcard listener, reached over loopback.
+    one_error(
+        &[
+            "services:",
+            "  - name: web",
+            "    listen: 0.0.0.0:8080",
+            "    backends:",
+            "      - address: 127.0.0.1:19001",
+            "  - name: api",
+            "    listen: 127.0.0.1:8081",
+            "    backends:",
+            "      - address: 127.0.0.1:8080",
+        ],
+        9,
+        18,
+        "service \"web\"",
+    );
+    // Another host on the same port is fine.
+    ok(&[
+        "services:",
+        "  - name: web",
+        "    listen: 0.0.0.0:8080",
+        "    backends:",
+        "      - address: 10.0.0.11:8080",
+    ]);
+}
+
+#[test]
+fn non_unicast_backends_and_listeners_are_refused() {
+    for (addr, what) in [
+        ("255.255.255.255:80", "broadcast"),
+        ("224.0.0.1:80", "multicast"),
+        ("\"[ff02::1]:80\"", "multicast"),
+    ] {
+        one_error(
+            &[
+                "services:",
+                "  - name: web",
+                "    listen: 127.0.0.1:8080",
+                "    backends:",
+                &format!("      - address: {addr}"),
+            ],
+            5,
+            18,
+            what,
+        );
+    }
+    one_error(
+        &[
+            "services:",
+            "  - name: web",
+            "    listen: 239.1.1.1:8080",
+            "    backends:",
+            "      - address: 127.0.0.1:19001",
+        ],
+        3,
+        13,
+        "multicast",
+    );
+    one_error(
+        &[
+            "services:",
+            "  - name: web",
+            "    listen: \"[::ffff:127.0.0.1]:8080\"",
+            "    backends:",
+            "      - address: 127.0.0.1:19001",
+        ],
+        3,
+        13,
+        "write it as IPv4: 127.0.0.1:8080",
+    );
+}

@@ -291,6 +291,16 @@ impl Checker {
                 );
                 None
             }
+            Ok(d) if d > MAX_DURATION => {
+                self.error(
+                    path,
+                    format!(
+                        "{text:?} is longer than lb accepts for any duration (365d); \
+                         use at most 365d"
+                    ),
+                );
+                None
+            }
             Ok(d) => Some(d),
             Err(e) => {
                 self.error(
@@ -303,6 +313,50 @@ impl Checker {
                 None
             }
         }
+    }
+
+    /// A listen address TCP can bind: unicast, and IPv4 written as IPv4.
+    fn listen_addr(&mut self, path: &str, addr: SocketAddr) -> Option<SocketAddr> {
+        if let Some(what) = not_unicast(addr.ip()) {
+            self.error(
+                path,
+                format!("{} is {what}; TCP listens on a unicast address", addr.ip()),
+            );
+            return None;
+        }
+        if let IpAddr::V6(v6) = addr.ip()
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            self.error(
+                path,
+                format!(
+                    "{} is an IPv4-mapped IPv6 address, which lb cannot listen on; \
+                     write it as IPv4: {v4}:{}",
+                    addr.ip(),
+                    addr.port()
+                ),
+            );
+            return None;
+        }
+        Some(addr)
+    }
+
+    /// A keepalive idle time the kernel takes: TCP_KEEPIDLE is whole seconds, 1..=32767 (a
+    /// value outside makes every connect to a backend fail with EINVAL).
+    fn keepalive_idle(&mut self, path: &str, d: Duration) -> Option<Duration> {
+        let max = Duration::from_secs(MAX_KEEPALIVE_IDLE_SECS);
+        if d < Duration::from_secs(1) || d > max || d.subsec_nanos() != 0 {
+            self.error(
+                path,
+                format!(
+                    "{} is not a keepalive idle time the kernel accepts: whole seconds from 1s \
+                     to {MAX_KEEPALIVE_IDLE_SECS}s (9h6m7s), e.g. 60s; or off",
+                    humantime::format_duration(d)
+                ),
+            );
+            return None;
+        }
+        Some(d)
     }
 
     /// `IP:PORT`, never port 0; `example` shows a right value for this key.
@@ -556,6 +610,22 @@ impl Checker {
             }
             services.push(service);
         }
+        // A backend that is one of lb's own listeners: each client connection would make lb
+        // connect to itself, again and again, until it runs out of file descriptors.
+        for (i, service) in services.iter().enumerate() {
+            for (j, backend) in service.backends.iter().enumerate() {
+                if let Some(owner) = services.iter().find(|s| reaches(s.listen, backend.address)) {
+                    self.error(
+                        &join(&item(&join(&item("services", i), "backends"), j), "address"),
+                        format!(
+                            "{} is where lb itself listens (service {:?}, listen {}): lb would \
+                             connect to itself for every client; give the backend's own address",
+                            backend.address, owner.name, owner.listen
+                        ),
+                    );
+                }
+            }
+        }
         services
     }
 
@@ -585,7 +655,8 @@ impl Checker {
                 raw.listen.as_ref(),
                 "set the address clients connect to, e.g. listen: 0.0.0.0:8080",
             )
-            .and_then(|v| self.socket_addr(&p("listen"), Some(v), "0.0.0.0:8080"));
+            .and_then(|v| self.socket_addr(&p("listen"), Some(v), "0.0.0.0:8080"))
+            .and_then(|addr| self.listen_addr(&p("listen"), addr));
 
         let algorithm = self
             .keyword(&p("algorithm"), raw.algorithm.as_ref())
@@ -605,7 +676,9 @@ impl Checker {
         let tcp_keepalive = match &raw.tcp_keepalive {
             Some(Scalar::Bool(false)) => None,
             Some(Scalar::Str(s)) if s.trim() == "off" => None,
-            other => self.duration(&p("tcp_keepalive"), other.as_ref()),
+            other => self
+                .duration(&p("tcp_keepalive"), other.as_ref())
+                .and_then(|d| self.keepalive_idle(&p("tcp_keepalive"), d)),
         };
         let proxy_protocol = match &raw.proxy_protocol {
             // YAML 1.1 reads a bare `off` as false; take it as the user meant it.
@@ -709,7 +782,15 @@ impl Checker {
                 )
                 .and_then(|v| self.socket_addr(&p("address"), Some(v), "10.0.0.11:80"));
             if let Some(address) = address {
-                if address.ip().is_unspecified() {
+                if let Some(what) = not_unicast(address.ip()) {
+                    self.error(
+                        &p("address"),
+                        format!(
+                            "{} is {what}; a backend is one host: give its unicast IP",
+                            address.ip()
+                        ),
+                    );
+                } else if address.ip().is_unspecified() {
                     self.error(
                         &p("address"),
                         format!(
@@ -1160,6 +1241,33 @@ fn parse_socket_addr(text: &str, example: &str) -> Result<SocketAddr, String> {
         None => Err(format!(
             "{text:?} is not an address; expected IP:PORT, e.g. {example}"
         )),
+    }
+}
+
+/// The longest duration any key takes: far beyond any sensible timeout, and far from the
+/// overflow of a clock reading plus a duration.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The kernel's largest TCP_KEEPIDLE (`MAX_TCP_KEEPIDLE`).
+const MAX_KEEPALIVE_IDLE_SECS: u64 = 32767;
+
+/// Whether a connection to `backend` lands on a socket listening on `listen` (the same address,
+/// or a loopback address on the port of a wildcard listener of the same family).
+fn reaches(listen: SocketAddr, backend: SocketAddr) -> bool {
+    listen == backend
+        || (listen.port() == backend.port()
+            && listen.is_ipv4() == backend.is_ipv4()
+            && listen.ip().is_unspecified()
+            && backend.ip().is_loopback())
+}
+
+/// Why `ip` cannot be a unicast peer: multicast or broadcast.
+fn not_unicast(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(v4) if v4.is_multicast() => Some("a multicast address"),
+        IpAddr::V6(v6) if v6.is_multicast() => Some("a multicast address"),
+        _ => None,
     }
 }
 

@@ -108,6 +108,9 @@ pub async fn serve(
 /// One client connection: pick, connect with retries, PROXY header, relay.
 async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: &Shared) {
     let config = &service.config;
+    if std::env::var_os(crate::PANIC_TEST_ENV).is_some() {
+        panic!("{} is set: a panic on purpose", crate::PANIC_TEST_ENV);
+    }
     let _ = client.set_nodelay(true);
     let mut tried: Vec<usize> = Vec::with_capacity(1 + config.retries as usize);
     for _attempt in 0..=config.retries {

@@ -159,7 +159,11 @@ pub async fn relay_until(
     let mut paused_at: Option<Instant> = None;
     let mut abandoned = false;
     loop {
-        let deadline = start + Duration::from_millis(activity.load(Relaxed)) + idle_timeout;
+        // Saturating: a clock reading plus a long timeout must not overflow (validation bounds
+        // every duration to a year; this keeps a panic out of the data path regardless).
+        let deadline = start
+            .checked_add(Duration::from_millis(activity.load(Relaxed)) + idle_timeout)
+            .unwrap_or_else(|| start + Duration::from_secs(365 * 24 * 3600));
         let give_up = paused_at.map_or(deadline, |at| at + PROMOTE_WAIT);
         tokio::select! {
             () = tokio::time::sleep_until(give_up), if paused_at.is_some() && !abandoned => {
