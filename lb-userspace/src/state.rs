@@ -176,6 +176,9 @@ pub struct Service {
     pub selector: Selector,
     /// Connections refused because no backend was available.
     pub no_backend: AtomicU64,
+    /// Clients reset because lb itself ran out of something (file descriptors, memory, local
+    /// ports) while connecting to a backend: never counted against the backend.
+    pub local_errors: AtomicU64,
 }
 
 /// Errors building a service's selection state.
@@ -230,6 +233,7 @@ impl Service {
             backends,
             selector,
             no_backend: AtomicU64::new(0),
+            local_errors: AtomicU64::new(0),
         })
     }
 

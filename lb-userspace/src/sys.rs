@@ -59,6 +59,16 @@ pub fn is_fd_exhaustion(e: &io::Error) -> bool {
     )
 }
 
+/// Is this error lb's own, not the peer's: out of file descriptors or memory, or of local
+/// ports (EADDRNOTAVAIL on connect: no free ephemeral port toward that address)?
+pub fn is_local_error(e: &io::Error) -> bool {
+    is_fd_exhaustion(e)
+        || matches!(
+            e.raw_os_error().map(Errno::from_raw),
+            Some(Errno::EADDRNOTAVAIL | Errno::EADDRINUSE)
+        )
+}
+
 /// Makes the next close of `socket` send a reset instead of a FIN (SO_LINGER 0).
 pub fn reset_on_close(socket: &impl AsFd) {
     let _ = socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));

@@ -153,3 +153,71 @@ fn a_panic_in_a_connection_ends_lb_with_exit_code_70() {
         "the log says what happened:\n{stderr}"
     );
 }
+
+/// Before: with few file descriptors and many clients, lb's own "Too many open files" on the
+/// backend connect counted as the backend's connect failure, and passive ejection took a
+/// healthy backend out. Now lb's shortage is counted as its own (`lb_local_errors_total`),
+/// the backend keeps a clean record and stays eligible, and once clients leave lb serves again.
+#[test]
+fn lbs_own_fd_exhaustion_is_never_blamed_on_a_backend() {
+    use lb_tests::admin::{AdminLb, render};
+    use std::io::{Read as _, Write as _};
+    let backend = Backend::echo();
+    let config = LbConfig::new("proxy", vec![ServiceSpec::new("few", &[backend.addr()])]);
+    let config = lb_tests::admin::with_listen_addresses(&config);
+    let admin = free_addr();
+    let yaml = render(&config, Some(admin), &|_| {});
+    // 64 descriptors in all, hard limit too (lb raises its soft limit to the hard one).
+    let launch = Launch {
+        wrapper: &["prlimit", "--nofile=64:64"],
+        ..Launch::default()
+    };
+    let lb = Lb::try_start_with(&yaml, &[], &launch).expect("lb starts");
+    let lb = AdminLb { lb, admin, config };
+    lb.wait_for_admin(Duration::from_secs(10));
+    let addr = lb.addr();
+    // Clients that each hold a working connection, until lb has no descriptor left: then an
+    // accepted client finds no socket for its backend and is reset.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..80 {
+        let Ok(mut c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+            refused += 1;
+            continue;
+        };
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 4];
+        let ok = c.write_all(b"ping").is_ok() && c.read_exact(&mut buf).is_ok();
+        if ok {
+            held.push(c);
+        } else {
+            refused += 1;
+        }
+    }
+    assert!(
+        refused > 0 && held.len() < 80,
+        "64 fds should not carry 80 connections ({} held)",
+        held.len()
+    );
+    drop(held);
+    // Served again once the clients have left.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = try_connect(addr).expect("connect after the clients left");
+    lb_tests::stream::echo_round_trip(&mut c, b"served again").expect("served again");
+    let m = lb.metrics();
+    let b = backend.addr().to_string();
+    let labels = [("service", "few"), ("backend", b.as_str())];
+    assert_eq!(
+        m.get("lb_connect_failures_total", &labels),
+        0,
+        "lb's EMFILE counted against the backend:\n{}",
+        m.text
+    );
+    assert_eq!(m.get("lb_backend_up", &labels), 1, "{}", m.text);
+    assert!(
+        m.get("lb_local_errors_total", &[("service", "few")]) > 0,
+        "lb's own shortage is counted:\n{}",
+        m.text
+    );
+    assert_eq!(lb.status().state("few", backend.addr()), "up");
+}

@@ -168,6 +168,19 @@ impl Collector for LbCollector {
         }
         {
             let mut family = encoder.encode_descriptor(
+                "lb_local_errors",
+                "Clients reset because lb itself ran out of file descriptors, memory or local \
+                 ports while connecting to a backend (never counted against the backend).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (name, s) in &services {
+                ConstCounter::new(s.local_errors.load(Relaxed))
+                    .encode(family.encode_family(&[("service", name.as_str())])?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
                 "lb_reloads",
                 "Configuration reloads, by result.",
                 None,

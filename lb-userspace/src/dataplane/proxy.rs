@@ -130,6 +130,18 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
                 service.record_connect(index, true);
                 stream
             }
+            Err(e) if sys::is_local_error(&e) => {
+                // lb's own shortage, not the backend's fault: not fed to passive ejection or
+                // the backend's counters, and no other backend would fare better.
+                let n = service.local_errors.fetch_add(1, Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(error = %e, times = n, "lb cannot open a connection to a backend (its own resources are exhausted); resetting the client");
+                } else {
+                    tracing::debug!(error = %e, "lb cannot open a connection to a backend; resetting the client");
+                }
+                sys::reset_on_close(&client);
+                return;
+            }
             Err(e) => {
                 backend.connect_failures.fetch_add(1, Relaxed);
                 service.record_connect(index, false);

@@ -51,7 +51,13 @@ async fn check_loop(
         }
         wait = jittered(check.interval, check.jitter_percent);
         let result = match tokio::time::timeout(check.timeout, probe(&check, target)).await {
-            Ok(r) => r,
+            Ok(Err(Probe::Local(why))) => {
+                // lb's own shortage says nothing about the backend: no result this round.
+                tracing::warn!(service, backend = %backend.address, reason = %why, "health check not run: lb is out of resources");
+                continue;
+            }
+            Ok(Err(Probe::Failed(why))) => Err(why),
+            Ok(Ok(())) => Ok(()),
             Err(_) => Err(format!("no answer within {:?}", check.timeout)),
         };
         match result {
@@ -91,11 +97,33 @@ fn jittered(interval: Duration, percent: u8) -> Duration {
     interval.mul_f64(1.0 + spread * (2.0 * fastrand::f64() - 1.0))
 }
 
-/// One probe; `Err` says why it failed.
-async fn probe(check: &HealthCheckConfig, target: SocketAddr) -> Result<(), String> {
-    let mut stream = TcpStream::connect(target)
-        .await
-        .map_err(|e| format!("connect {target}: {e}"))?;
+/// Why a probe did not pass.
+enum Probe {
+    /// The backend failed it.
+    Failed(String),
+    /// lb could not run it (out of file descriptors, memory or local ports): no verdict.
+    Local(String),
+}
+
+/// One probe: connect, then the check's exchange.
+async fn probe(check: &HealthCheckConfig, target: SocketAddr) -> Result<(), Probe> {
+    let stream = TcpStream::connect(target).await.map_err(|e| {
+        let why = format!("connect {target}: {e}");
+        if crate::sys::is_local_error(&e) {
+            Probe::Local(why)
+        } else {
+            Probe::Failed(why)
+        }
+    })?;
+    exchange(check, stream, target).await.map_err(Probe::Failed)
+}
+
+/// The check's exchange over a connected `stream`; `Err` says why it failed.
+async fn exchange(
+    check: &HealthCheckConfig,
+    mut stream: TcpStream,
+    target: SocketAddr,
+) -> Result<(), String> {
     match check.kind {
         HealthCheckKind::Tcp => Ok(()),
         HealthCheckKind::Http => {
