@@ -15,8 +15,8 @@
 //! this suite does not know how to run, fails it.
 //!
 //! Privileged files (`mode: sockmap`, `mode: xdp`) skip without root (under `CI=true` that
-//! fails). Files with `mode: auto` run everywhere and must pick sockmap as root, proxy
-//! otherwise.
+//! fails). Files with `mode: auto` run everywhere and must pick sockmap as root when they opt
+//! in (`dataplane.sockmap.enabled: true`), proxy otherwise.
 
 use std::{
     collections::BTreeMap,
@@ -335,7 +335,7 @@ impl Plan {
                 .and_then(|d| d.get("sockmap"))
                 .and_then(|s| s.get("enabled")),
         )
-        .is_none_or(|e| e == "true");
+        .is_some_and(|e| e == "true");
         let services: Vec<ServicePlan> = doc
             .get("services")
             .and_then(Value::as_sequence)
@@ -361,7 +361,8 @@ impl Plan {
             }
             "proxy" => ("proxy", false),
             "sockmap" => ("sockmap", true),
-            // What auto picks without XDP: sockmap where BPF can be loaded (root), else proxy.
+            // What auto picks without XDP: sockmap where the file opts in (`sockmap.enabled:
+            // true`) and BPF can be loaded (root), else proxy.
             "auto" if root && sockmap_enabled => ("sockmap", false),
             "auto" => ("proxy", false),
             other => cannot_run(file, format!("dataplane.mode {other:?}")),

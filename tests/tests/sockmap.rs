@@ -21,6 +21,15 @@ use lb_tests::{
 };
 use serde_yaml::Value;
 
+/// The edit for a config whose `mode: auto` may pick sockmap (`dataplane.sockmap.enabled:
+/// true`), with `pins` as its pin directory.
+fn opted_in(pins: &PinDir) -> impl Fn(&mut Value) + '_ {
+    move |doc| {
+        pins.edit()(doc);
+        doc["dataplane"]["sockmap"] = serde_yaml::from_str("enabled: true").expect("yaml");
+    }
+}
+
 /// A pin directory of its own on bpffs (tests run in parallel), removed on drop.
 struct PinDir(PathBuf);
 
@@ -340,11 +349,11 @@ fn a_failing_self_test_makes_auto_fall_back_and_explicit_sockmap_refuse() {
         env: &[("LB_SOCKMAP_SELFTEST_FAIL", "1")],
         ..Launch::default()
     };
-    // auto: serves through proxy and says why.
+    // auto (opted in to sockmap): serves through proxy and says why.
     let config = LbConfig::new("auto", vec![ServiceSpec::new("sm", &[backend.addr()])]);
     let config = lb_tests::admin::with_listen_addresses(&config);
     let admin = free_addr();
-    let yaml = render(&config, Some(admin), &pins.edit());
+    let yaml = render(&config, Some(admin), &opted_in(&pins));
     let lb = Lb::try_start_with(&yaml, &[], &launch).expect("auto starts");
     let lb = AdminLb { lb, admin, config };
     lb.wait_for_admin(Duration::from_secs(10));
@@ -389,7 +398,7 @@ fn without_bpf_capabilities_auto_serves_through_proxy_and_logs_one_line_why() {
     let config = LbConfig::new("auto", vec![ServiceSpec::new("sm", &[backend.addr()])]);
     let config = lb_tests::admin::with_listen_addresses(&config);
     let admin = free_addr();
-    let yaml = render(&config, Some(admin), &pins.edit());
+    let yaml = render(&config, Some(admin), &opted_in(&pins));
     // As in a container: root, but without CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN (and
     // CAP_PERFMON), which lb cannot regain.
     let launch = Launch {
@@ -994,5 +1003,54 @@ fn a_client_fin_between_the_two_insertions_loses_nothing() {
     assert!(
         !log.contains("WARN") && !log.contains("ERROR"),
         "lb warned:\n{log}"
+    );
+}
+
+/// `mode: auto` with nothing else said serves through proxy and says why not sockmap (it is
+/// opt-in: the kernel's redirect path can repeat a 64 KiB segment under load, see the README);
+/// with `dataplane.sockmap.enabled: true` the same file picks sockmap; with `false`, `mode:
+/// sockmap` is refused.
+#[test]
+fn auto_picks_sockmap_only_when_opted_in() {
+    if !privileged("auto_picks_sockmap_only_when_opted_in") {
+        return;
+    }
+    let backend = Backend::echo();
+    let pins = PinDir::new();
+    let config = LbConfig::new("auto", vec![ServiceSpec::new("a", &[backend.addr()])]);
+    // The shipped defaults: no sockmap block.
+    let lb = AdminLb::start(&config, pins.edit());
+    let status = lb.status();
+    assert_eq!(status.0["dataplane"], "proxy", "{}", status.0);
+    let why = status.0["passed_over"]["sockmap"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        why.contains("dataplane.sockmap.enabled: true"),
+        "{}",
+        status.0
+    );
+    let mut client = connect(lb.addr());
+    echo_round_trip(&mut client, b"auto, defaults").unwrap();
+    drop(lb);
+
+    let lb = AdminLb::start(&config, opted_in(&pins));
+    assert_eq!(lb.status().0["dataplane"], "sockmap", "{}", lb.status().0);
+    let mut client = connect(lb.addr());
+    echo_round_trip(&mut client, b"auto, opted in").unwrap();
+    drop(lb);
+
+    let config = LbConfig::new("sockmap", vec![ServiceSpec::new("a", &[backend.addr()])]);
+    let refused = AdminLb::try_start(&config, |doc| {
+        pins.edit()(doc);
+        doc["dataplane"]["sockmap"] = serde_yaml::from_str("enabled: false").expect("yaml");
+    });
+    let (e, _) = refused
+        .err()
+        .expect("mode sockmap with enabled: false is refused");
+    assert!(
+        e.stderr.contains("dataplane.sockmap.enabled: false"),
+        "{}",
+        e.stderr
     );
 }

@@ -88,7 +88,7 @@ fn minimal_config_gets_every_default() {
                 pin_path: PathBuf::from("/sys/fs/bpf/lb"),
                 xdp: None,
                 sockmap: SockmapConfig {
-                    enabled: true,
+                    enabled: None,
                     promote_after_bytes: 65536
                 },
             },
@@ -717,7 +717,7 @@ fn sockmap_mode_needs_sockmap_enabled() {
         &lines,
         2,
         9,
-        "dataplane mode sockmap needs dataplane.sockmap.enabled: true",
+        "dataplane mode sockmap cannot run with dataplane.sockmap.enabled: false",
     );
 }
 

@@ -296,13 +296,27 @@ impl XdpConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SockmapConfig {
-    /// `false`: `mode: auto` never picks sockmap, and `mode: sockmap` is an error.
-    pub enabled: bool,
+    /// `dataplane.sockmap.enabled` as written: `Some(true)`: `mode: auto` may pick sockmap;
+    /// `Some(false)`: it never runs (`mode: sockmap` is an error); `None` (the default): only
+    /// an explicit `mode: sockmap` runs it. `auto` does not pick it unasked: on the kernels
+    /// tested, the kernel's redirect path repeated a 64 KiB segment of a bulk stream about once
+    /// in 10,000 transfers under concurrent load (README, "sockmap and the kernel").
+    pub enabled: Option<bool>,
     /// Bytes relayed in userspace before the socket pair is handed to the kernel; 0 = at once.
     pub promote_after_bytes: u64,
 }
 
 impl SockmapConfig {
+    /// Whether `mode: auto` may pick sockmap (only when `enabled: true` is written).
+    pub fn auto_may_pick(&self) -> bool {
+        self.enabled == Some(true)
+    }
+
+    /// Whether sockmap is switched off outright (`enabled: false` written).
+    pub fn refused(&self) -> bool {
+        self.enabled == Some(false)
+    }
+
     /// Measured (docs/benchmarks.md): a short connection costs more to hand over than the
     /// kernel saves it, a long-lived chatty one gains; 64 KiB tells them apart.
     pub const DEFAULT_PROMOTE_AFTER_BYTES: u64 = 64 * 1024;
@@ -311,7 +325,7 @@ impl SockmapConfig {
 impl Default for SockmapConfig {
     fn default() -> Self {
         Self {
-            enabled: true,
+            enabled: None,
             promote_after_bytes: Self::DEFAULT_PROMOTE_AFTER_BYTES,
         }
     }

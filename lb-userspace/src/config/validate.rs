@@ -121,9 +121,11 @@ pub(super) fn mode_conflicts(
                 }
             }
         }
-        DataplaneMode::Sockmap if !dataplane.sockmap.enabled => conflicts.push((
+        DataplaneMode::Sockmap if dataplane.sockmap.refused() => conflicts.push((
             "dataplane.mode".to_owned(),
-            "dataplane mode sockmap needs dataplane.sockmap.enabled: true; it is false".to_owned(),
+            "dataplane mode sockmap cannot run with dataplane.sockmap.enabled: false; remove \
+             that line or set it to true"
+                .to_owned(),
         )),
         _ => {}
     }
@@ -494,7 +496,7 @@ impl Checker {
             Some(raw) => SockmapConfig {
                 enabled: self
                     .boolean("dataplane.sockmap.enabled", raw.enabled.as_ref())
-                    .unwrap_or(defaults.sockmap.enabled),
+                    .or(defaults.sockmap.enabled),
                 promote_after_bytes: self
                     .number(
                         "dataplane.sockmap.promote_after_bytes",

@@ -200,13 +200,19 @@ fn choose_inner(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
                     Err(why) => why,
                 }
             };
-            let sockmap_why = if config.dataplane.sockmap.enabled {
+            let sockmap_why = if config.dataplane.sockmap.auto_may_pick() {
                 match start_sockmap(config) {
                     Ok(sockmap) => return Ok(with_sockmap(sockmap, vec![("xdp", xdp_why)])),
                     Err(why) => why,
                 }
             } else {
-                "dataplane.sockmap.enabled is false".to_owned()
+                if config.dataplane.sockmap.refused() {
+                    "dataplane.sockmap.enabled is false".to_owned()
+                } else {
+                    "not picked unless dataplane.sockmap.enabled: true (the kernel's redirect \
+                     path can repeat a segment of a bulk stream under load; see the README)"
+                        .to_owned()
+                }
             };
             Ok(plain(
                 Kind::Proxy,
