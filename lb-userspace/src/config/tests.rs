@@ -1282,12 +1282,7 @@ fn a_duration_longer_than_a_year_is_refused_everywhere() {
         19,
         "365d",
     );
-    one_error(
-        &minimal_with(&["    connect_timeout: 366d"]),
-        6,
-        22,
-        "365d",
-    );
+    one_error(&minimal_with(&["    connect_timeout: 366d"]), 6, 22, "365d");
     let config = ok(&minimal_with(&["    idle_timeout: 365d"]));
     assert_eq!(config.services[0].idle_timeout, secs(365 * 24 * 3600));
 }
