@@ -206,3 +206,50 @@ fn a_bad_config_exits_78_from_run_and_1_from_check_naming_file_line_col() {
         );
     });
 }
+
+/// Before: a second SIGTERM or SIGINT during a drain was ignored, and lb waited out the whole
+/// `shutdown_timeout` (an operator's second Ctrl-C did nothing). Now it closes the open
+/// connections at once and exits 0.
+#[test]
+fn a_second_sigterm_or_sigint_during_the_drain_ends_it_at_once() {
+    for_each_dataplane(|dataplane| {
+        for second in [Signal::SIGTERM, Signal::SIGINT] {
+            let backend = Backend::echo();
+            let mut lb = LbConfig::new(
+                dataplane,
+                vec![ServiceSpec::new("twice", &[backend.addr()])],
+            )
+            .shutdown_timeout("60s")
+            .start();
+            let mut client = connect(lb.addr());
+            echo_round_trip(&mut client, b"before the signals").unwrap();
+            lb.signal(Signal::SIGTERM);
+            // Draining: still up, the open connection still served.
+            assert!(
+                lb.wait_timeout(Duration::from_millis(500)).is_none(),
+                "lb exited at the first SIGTERM with a connection open"
+            );
+            echo_round_trip(&mut client, b"while draining").unwrap();
+            let signalled = Instant::now();
+            lb.signal(second);
+            let status = lb.wait_timeout(Duration::from_secs(5));
+            assert_eq!(
+                status.and_then(|s| s.code()),
+                Some(0),
+                "{second}: lb did not exit 0 within 5 s of the second signal ({status:?}); stderr:\n{}",
+                lb.stderr()
+            );
+            assert!(signalled.elapsed() < Duration::from_secs(5));
+            let (end, _) = drain_until_end(&mut client, Duration::from_secs(2));
+            assert!(
+                matches!(end, End::Eof | End::Reset),
+                "the open connection saw {end:?}"
+            );
+            assert!(
+                lb.stderr().contains("during the drain"),
+                "the log says why it stopped waiting:\n{}",
+                lb.stderr()
+            );
+        }
+    });
+}

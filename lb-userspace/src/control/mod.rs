@@ -653,7 +653,17 @@ pub async fn run(
         }
     }
 
-    // Drain: stop accepting, let open connections finish up to shutdown_timeout.
+    // Drain: stop accepting, let open connections finish up to shutdown_timeout, or until a
+    // second SIGTERM or SIGINT (an operator's second Ctrl-C) says not to wait.
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let again = async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    };
+    tokio::pin!(again);
     {
         let running = daemon.running.lock().await;
         for r in running.values() {
@@ -668,17 +678,24 @@ pub async fn run(
     let shared = &daemon.shared;
     shared.tracker.close();
     tracing::info!(open = shared.tracker.len(), timeout = ?shutdown_timeout, "stopped accepting; draining open connections");
-    if tokio::time::timeout(shutdown_timeout, shared.tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = shared.tracker.len(),
-            "drain deadline passed; closing open connections"
-        );
-        shared.force_close.cancel();
-        shared.tracker.wait().await;
+    tokio::select! {
+        drained = tokio::time::timeout(shutdown_timeout, shared.tracker.wait()) => {
+            if drained.is_err() {
+                tracing::warn!(
+                    open = shared.tracker.len(),
+                    "drain deadline passed; closing open connections"
+                );
+            }
+        }
+        which = &mut again => {
+            tracing::warn!(
+                open = shared.tracker.len(),
+                "{which} during the drain: closing open connections now"
+            );
+        }
     }
+    shared.force_close.cancel();
+    shared.tracker.wait().await;
     tracing::info!("drained; exiting");
     Ok(())
 }
