@@ -1054,3 +1054,83 @@ fn auto_picks_sockmap_only_when_opted_in() {
         e.stderr
     );
 }
+
+/// Before: a second `lb run` with the same `pin_path` and listen address exited with "Address
+/// already in use", but only after it had replaced the first instance's pins and removed its
+/// own on the way out: the running instance's maps were gone from bpffs. Now the pin directory
+/// is locked by the instance that serves with it: a second one is refused before it touches a
+/// pin, naming the holder's pid; once the first drains (SIGTERM), a new one takes over.
+#[test]
+fn a_second_instance_on_the_same_pin_path_is_refused_and_touches_no_pin() {
+    if !privileged("a_second_instance_on_the_same_pin_path_is_refused_and_touches_no_pin") {
+        return;
+    }
+    let backend = Backend::echo();
+    let pins = PinDir::new();
+    let config = LbConfig::new("sockmap", vec![ServiceSpec::new("one", &[backend.addr()])]);
+    let mut first = AdminLb::start(&config, pins.edit());
+    let pinned = |dir: &PinDir| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&dir.0)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let before = pinned(&pins);
+    assert!(before.iter().any(|n| n == "SK_SOCKS"), "{before:?}");
+    let map_ids = |dir: &PinDir| -> Vec<serde_json::Value> { dir.dump("SK_STATS") };
+    let stats_before = map_ids(&pins).len();
+
+    // The same config again: refused, with the first one's pid.
+    let yaml = first.render(&first.config.clone(), pins.edit());
+    let second = Lb::try_start(&yaml, &[]);
+    let err = match second {
+        Ok(_) => panic!("a second lb started on the same pin_path"),
+        Err(e) => e,
+    };
+    assert!(
+        err.status.is_some_and(|s| !s.success()),
+        "{:?}: {}",
+        err.status,
+        err.stderr
+    );
+    assert!(
+        err.stderr.contains("in use by another running lb")
+            && err.stderr.contains(&format!("pid {}", first.pid())),
+        "{}",
+        err.stderr
+    );
+    assert_eq!(
+        pinned(&pins),
+        before,
+        "the refused instance changed the pins"
+    );
+    assert_eq!(map_ids(&pins).len(), stats_before);
+    let mut client = connect(first.addr());
+    echo_round_trip(&mut client, b"first still serves").unwrap();
+
+    // The first one drains (an open connection keeps it alive): a new one may take over.
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    let other = LbConfig::new("sockmap", vec![ServiceSpec::new("two", &[backend.addr()])]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let next = loop {
+        match AdminLb::try_start(&other, pins.edit()) {
+            Ok(lb) => break lb,
+            Err((e, _)) if Instant::now() < deadline && e.stderr.contains("in use") => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err((e, yaml)) => panic!("the next instance did not start: {}\n{yaml}", e.stderr),
+        }
+    };
+    assert!(
+        first.try_wait().is_none(),
+        "the first one is still draining"
+    );
+    let mut c2 = connect(next.addr());
+    echo_round_trip(&mut c2, b"next serves").unwrap();
+    echo_round_trip(&mut client, b"first drains").unwrap();
+}

@@ -642,6 +642,9 @@ pub async fn run(
             stop_admin.clone(),
         ));
     }
+    // Held while serving; let go when the drain starts, so that a new instance can take
+    // pin_path over while this one drains (a restart).
+    let pin_lock = choice.pin_lock.take();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -653,6 +656,7 @@ pub async fn run(
         }
     }
 
+    drop(pin_lock);
     // Drain: stop accepting, let open connections finish up to shutdown_timeout, or until a
     // second SIGTERM or SIGINT (an operator's second Ctrl-C) says not to wait.
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;

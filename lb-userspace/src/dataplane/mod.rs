@@ -46,6 +46,63 @@ pub struct Choice {
     pub xdp: Option<vip::XdpRuntime>,
     /// The loaded sockmap program, in the sockmap dataplane.
     pub sockmap: Option<std::sync::Arc<sockmap::Sockmap>>,
+    /// This instance's hold on `pin_path` (xdp and sockmap): kept while it serves.
+    pub pin_lock: Option<PinLock>,
+}
+
+/// An exclusive flock(2) on the pin directory, held by the instance that serves with its pins.
+/// Another `lb` that wants the same `pin_path` meanwhile is refused before it touches a pin; a
+/// draining instance lets go (so a restart can start while the old process drains), and the
+/// kernel lets go when the process dies.
+#[derive(Debug)]
+pub struct PinLock(
+    #[expect(dead_code, reason = "held for its lock")] nix::fcntl::Flock<std::fs::File>,
+);
+
+impl PinLock {
+    /// Creates `dir` (on a bpffs, see [`create_pin_dir`]) and locks it. `Ok(None)`: the
+    /// directory cannot be made or opened here (no bpffs, no permission): the dataplane's own
+    /// load then fails with the reason. `Err`: another lb holds it (the message says who).
+    pub fn acquire(dir: &std::path::Path) -> Result<Option<PinLock>, String> {
+        use nix::fcntl::{Flock, FlockArg};
+        if let Err(e) = create_pin_dir(dir) {
+            tracing::debug!(error = %e, "pin directory not created");
+            return Ok(None);
+        }
+        let Ok(file) = std::fs::File::open(dir) else {
+            return Ok(None);
+        };
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(PinLock(lock))),
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let holder =
+                    lock_holder(&file).map_or_else(String::new, |pid| format!(" (pid {pid})"));
+                Err(format!(
+                    "dataplane.pin_path {} is in use by another running lb{holder}; stop it \
+                     first, or give this instance its own dataplane.pin_path",
+                    dir.display()
+                ))
+            }
+            Err((_, e)) => {
+                tracing::debug!(error = %e, "pin directory not locked");
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The pid holding a flock on `file`, from /proc/locks (matched by inode).
+fn lock_holder(file: &std::fs::File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = file.metadata().ok()?.ino();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 00:1e:5678 0 EOF"
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (kind, pid, id) = (fields.get(1)?, fields.get(4)?, fields.get(5)?);
+        let line_ino: u64 = id.rsplit(':').next()?.parse().ok()?;
+        (*kind == "FLOCK" && line_ino == ino).then(|| pid.parse().ok())?
+    })
 }
 
 /// Errors choosing a dataplane.
@@ -53,6 +110,8 @@ pub struct Choice {
 pub enum ChooseError {
     #[error("dataplane {mode} was asked for explicitly but is not available: {why}")]
     Unavailable { mode: &'static str, why: String },
+    #[error("{0}")]
+    PinPathInUse(String),
 }
 
 /// Where bpffs is mounted on a host that has one (systemd mounts it at boot).
@@ -158,7 +217,31 @@ fn choose_inner(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
         passed_over,
         xdp: None,
         sockmap: None,
+        pin_lock: None,
     };
+    // Taken before any pin is touched, only where an eBPF dataplane is tried.
+    let wants_pins = match config.dataplane.mode {
+        DataplaneMode::Proxy => false,
+        DataplaneMode::Xdp | DataplaneMode::Sockmap => true,
+        DataplaneMode::Auto => {
+            config.dataplane.xdp.is_some() || config.dataplane.sockmap.auto_may_pick()
+        }
+    };
+    let pin_lock = if wants_pins {
+        PinLock::acquire(&config.dataplane.pin_path).map_err(ChooseError::PinPathInUse)?
+    } else {
+        None
+    };
+    let choice = choose_mode(config, fresh, plain)?;
+    Ok(Choice { pin_lock, ..choice })
+}
+
+/// [`choose_inner`] once `pin_path` is this instance's.
+fn choose_mode(
+    config: &Config,
+    fresh: bool,
+    plain: impl Fn(Kind, Vec<(&'static str, String)>) -> Choice,
+) -> Result<Choice, ChooseError> {
     let with_sockmap = |sockmap, passed_over| Choice {
         sockmap: Some(sockmap),
         ..plain(Kind::Sockmap, passed_over)
