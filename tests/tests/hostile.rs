@@ -221,3 +221,88 @@ fn lbs_own_fd_exhaustion_is_never_blamed_on_a_backend() {
     );
     assert_eq!(lb.status().state("few", backend.addr()), "up");
 }
+
+/// Before: idle connections to the admin port (no bytes sent) were accepted without limit
+/// and held without a timeout: 1,100 of them under `LimitNOFILE=1024` took every descriptor
+/// and no client was served. Now at most 32 admin connections are open at once (the rest wait
+/// in the listen backlog, costing lb nothing) and each lives at most 10 s: the data path is
+/// served while 300 idle admin connections wait, a one-byte-a-second admin client is cut off,
+/// and the admin API answers again.
+#[test]
+fn idle_and_slow_admin_clients_cannot_starve_the_data_path() {
+    use lb_tests::admin::{AdminLb, render};
+    use std::io::{Read as _, Write as _};
+    use std::net::TcpStream;
+    let backend = Backend::echo();
+    let config = LbConfig::new("proxy", vec![ServiceSpec::new("data", &[backend.addr()])]);
+    let config = lb_tests::admin::with_listen_addresses(&config);
+    let admin = free_addr();
+    let yaml = render(&config, Some(admin), &|_| {});
+    let launch = Launch {
+        wrapper: &["prlimit", "--nofile=128:128"],
+        ..Launch::default()
+    };
+    let lb = Lb::try_start_with(&yaml, &[], &launch).expect("lb starts");
+    let lb = AdminLb { lb, admin, config };
+    lb.wait_for_admin(Duration::from_secs(10));
+    let started = std::time::Instant::now();
+    let idle: Vec<TcpStream> = (0..300)
+        .filter_map(|_| TcpStream::connect_timeout(&admin, Duration::from_millis(500)).ok())
+        .collect();
+    assert!(
+        idle.len() > 128,
+        "only {} idle admin connections",
+        idle.len()
+    );
+    // The data path is served while they wait.
+    for round in 0..5 {
+        let mut c = try_connect(lb.addr()).expect("data-path connect");
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        lb_tests::stream::echo_round_trip(&mut c, b"data path")
+            .unwrap_or_else(|e| panic!("round {round}: not served with idle admin clients: {e}"));
+    }
+    drop(idle);
+    // A client that sends a byte a second (a header that never ends) is cut off.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut slow = TcpStream::connect_timeout(&admin, Duration::from_secs(2)).expect("connect");
+    slow.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    slow.write_all(b"GET /status HTTP/1.1\r\nX-Slow: ").unwrap();
+    let since = std::time::Instant::now();
+    let mut cut = false;
+    while since.elapsed() < Duration::from_secs(40) {
+        if slow.write_all(b"a").is_err() {
+            cut = true;
+            break;
+        }
+        let mut buf = [0u8; 64];
+        match slow.read(&mut buf) {
+            Ok(0) => {
+                cut = true;
+                break;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => {
+                cut = true;
+                break;
+            }
+            Ok(n) => panic!(
+                "an answer to a request that never ended: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+        }
+    }
+    assert!(cut, "a one-byte-a-second admin client was held for 40 s");
+    assert!(
+        since.elapsed() < Duration::from_secs(15),
+        "cut after {:?}",
+        since.elapsed()
+    );
+
+    // The admin API answers again.
+    lb.wait_for_admin(Duration::from_secs(15));
+    assert!(started.elapsed() < Duration::from_secs(60));
+}

@@ -3,7 +3,9 @@
 //!
 //! It binds loopback by default. When `admin.token_file` is set, every changing endpoint
 //! (POST) needs `Authorization: Bearer <token>`; `lb check` refuses a non-loopback admin address
-//! without one. Request bodies are capped at 64 KiB; hyper caps the request head.
+//! without one. Request bodies are capped at 64 KiB; hyper caps the request head. At most 32
+//! admin connections are open at once (one more is closed as soon as it is accepted); each
+//! must send its first byte within 2 s and lives at most about 10 s.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -26,6 +28,137 @@ use super::{Daemon, ReloadError, metrics};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
+
+/// Admin connections served at once; one more is closed as soon as it is accepted: no admin
+/// load can hold more of the data path's file descriptors than this.
+const MAX_CONNECTIONS: usize = 32;
+
+/// How long one admin connection may live (requests included, keep-alive or not): a client
+/// that sends a byte a second gives its slot back within this.
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a new admin connection may stay silent before it is closed.
+const FIRST_BYTE_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The admin listener: at most [`MAX_CONNECTIONS`] open, each for at most
+/// [`CONNECTION_LIFETIME`].
+struct Limited {
+    listener: TcpListener,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl axum::serve::Listener for Limited {
+    type Io = Bounded;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Bounded, SocketAddr) {
+        loop {
+            match self.listener.accept().await {
+                Ok((io, addr)) => {
+                    let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+                        // Full: closed at once (a reset, not a wait in the backlog behind
+                        // connections that may never send anything).
+                        tracing::debug!(%addr, "admin connections at their limit; closing one");
+                        crate::sys::reset_on_close(&io);
+                        continue;
+                    };
+                    return (
+                        Bounded {
+                            io,
+                            _slot: slot,
+                            deadline: Box::pin(tokio::time::sleep(FIRST_BYTE_WITHIN)),
+                            lifetime_set: false,
+                        },
+                        addr,
+                    );
+                }
+                Err(e) => {
+                    // Out of descriptors (or a connection reset before accept): back off.
+                    tracing::debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// An admin connection that fails with `TimedOut` once its lifetime is over, and holds its
+/// slot until dropped.
+struct Bounded {
+    io: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// [`FIRST_BYTE_WITHIN`] until the first byte is read, then the rest of
+    /// [`CONNECTION_LIFETIME`].
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    lifetime_set: bool,
+}
+
+impl Bounded {
+    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        self.deadline.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "admin connection lifetime over",
+    )
+}
+
+impl tokio::io::AsyncRead for Bounded {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.expired(cx) {
+            return std::task::Poll::Ready(Err(timed_out()));
+        }
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if !self.lifetime_set && buf.filled().len() > before {
+            self.lifetime_set = true;
+            let end = tokio::time::Instant::now() + CONNECTION_LIFETIME - FIRST_BYTE_WITHIN;
+            self.deadline.as_mut().reset(end);
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Bounded {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.expired(cx) {
+            return std::task::Poll::Ready(Err(timed_out()));
+        }
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.expired(cx) {
+            return std::task::Poll::Ready(Err(timed_out()));
+        }
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 #[derive(Clone)]
 struct App {
@@ -54,6 +187,10 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>, stop: Cancellatio
         registry: Arc::new(metrics::registry(Arc::clone(&daemon))),
         daemon,
         token,
+    };
+    let listener = Limited {
+        listener,
+        slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
     };
     if let Err(e) = axum::serve(listener, router(app))
         .with_graceful_shutdown(stop.cancelled_owned())
