@@ -306,3 +306,86 @@ fn idle_and_slow_admin_clients_cannot_starve_the_data_path() {
     lb.wait_for_admin(Duration::from_secs(15));
     assert!(started.elapsed() < Duration::from_secs(60));
 }
+
+/// Before: 100,000 nested flow brackets took 18.6 s to refuse (500 KB of braces 41.7 s; 1 MB
+/// of unclosed brackets did not finish in 60 s), and the same file sent as a reload blocked
+/// `GET /status` for 6 s. Now a linear pass refuses the shape before any YAML parser runs, a
+/// file over 4 MiB is refused by its size, and a reload parses off the admin API's thread.
+#[test]
+fn hostile_config_shapes_are_refused_at_once_and_a_reload_of_one_blocks_nothing() {
+    use lb_tests::admin::AdminLb;
+    let dir = TempDir::new();
+    let files = [
+        (
+            "deep.yaml",
+            format!("services: {}{}\n", "[".repeat(100_000), "]".repeat(100_000)),
+            "nesting deeper than 64 levels",
+        ),
+        (
+            "braces.yaml",
+            format!(
+                "services: {}1{}\n",
+                "{a: ".repeat(100_000),
+                "}".repeat(100_000)
+            ),
+            "nesting deeper than 64 levels",
+        ),
+        (
+            "unclosed.yaml",
+            format!("services: {}\n", "[".repeat(1_000_000)),
+            "nesting deeper than 64 levels",
+        ),
+        (
+            "huge.yaml",
+            format!(
+                "services: []\n{}",
+                "# padding padding padding padding\n".repeat(150_000)
+            ),
+            "at most 4 MiB",
+        ),
+    ];
+    for (name, text, says) in &files {
+        let path = dir.path.join(name);
+        fs::write(&path, text).unwrap();
+        let started = std::time::Instant::now();
+        let out = lb::run_to_exit(
+            &["check", "--config", path.to_str().unwrap()],
+            Duration::from_secs(60),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains(says), "{name}: {stderr}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{name}: refused after {:?}",
+            started.elapsed()
+        );
+    }
+    // A reload of the deepest file: refused, nothing changes, /status answers all along.
+    let backend = Backend::echo();
+    let config = LbConfig::new("proxy", vec![ServiceSpec::new("keep", &[backend.addr()])]);
+    let lb = AdminLb::start(&config, |_| {});
+    lb.write_config(&files[2].1);
+    let admin = lb.admin;
+    let poller = std::thread::spawn(move || {
+        let mut slowest = Duration::ZERO;
+        for _ in 0..50 {
+            let t = std::time::Instant::now();
+            let r = lb_tests::admin::get(admin, "/status").expect("GET /status");
+            assert_eq!(r.status, 200);
+            slowest = slowest.max(t.elapsed());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        slowest
+    });
+    let r = lb.post("/reload", None);
+    assert_ne!(r.status, 200, "the reload of a hostile file was applied");
+    let slowest = poller.join().unwrap();
+    assert!(
+        slowest < Duration::from_secs(1),
+        "GET /status took {slowest:?} during the reload"
+    );
+    assert_eq!(lb.reloads(), (0, 1));
+    let mut c = try_connect(lb.addr()).unwrap();
+    lb_tests::stream::echo_round_trip(&mut c, b"still serving").unwrap();
+}

@@ -11,6 +11,73 @@ use saphyr_parser::{Event, Marker, Parser, ScalarStyle, ScanError, Span};
 /// Deeper than any lb config; stops a hostile file from overflowing the stack.
 const MAX_DEPTH: usize = 64;
 
+/// The largest config file lb reads: far beyond any real one (10,000 backends take ~500 KB).
+pub(super) const MAX_BYTES: usize = 4 << 20;
+
+/// Refuses, in one linear pass, a text too large or with flow collections (`[`, `{`) nested
+/// deeper than [`MAX_DEPTH`]: a YAML parser can take minutes on such a file. Brackets inside
+/// quoted strings and comments do not count.
+pub(super) fn shape(text: &str) -> Result<(), (Pos, String)> {
+    if text.len() > MAX_BYTES {
+        return Err((
+            Pos::START,
+            format!(
+                "the file is {} bytes; lb reads config files of at most {} MiB",
+                text.len(),
+                MAX_BYTES >> 20
+            ),
+        ));
+    }
+    #[derive(PartialEq)]
+    enum In {
+        Plain,
+        Single,
+        Double,
+        Comment,
+    }
+    let (mut line, mut column) = (1usize, 0usize);
+    let mut state = In::Plain;
+    let mut depth = 0usize;
+    let mut escaped = false;
+    let mut previous = '\n';
+    for c in text.chars() {
+        column += 1;
+        match state {
+            In::Comment if c == '\n' => state = In::Plain,
+            In::Comment => {}
+            In::Single if c == '\'' => state = In::Plain,
+            In::Double if escaped => escaped = false,
+            In::Double if c == '\\' => escaped = true,
+            In::Double if c == '"' => state = In::Plain,
+            In::Single | In::Double => {}
+            In::Plain => match c {
+                '#' if previous.is_whitespace() => state = In::Comment,
+                '\'' => state = In::Single,
+                '"' => state = In::Double,
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > MAX_DEPTH {
+                        return Err((
+                            Pos { line, column },
+                            format!(
+                                "nesting deeper than {MAX_DEPTH} levels; an lb config needs about 5"
+                            ),
+                        ));
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+        if c == '\n' {
+            line += 1;
+            column = 0;
+        }
+        previous = c;
+    }
+    Ok(())
+}
+
 /// A 1-based line and column, as printed in `FILE:LINE:COL`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct Pos {
@@ -360,6 +427,26 @@ mod tests {
             matches!(error, IndexError::Syntax((at, _)) if at == pos(2, 4)),
             "{error:?}"
         );
+    }
+
+    #[test]
+    fn shape_counts_flow_brackets_only_outside_quotes_and_comments() {
+        let deep = "[".repeat(65);
+        assert!(shape(&format!("a: {deep}")).is_err());
+        assert!(shape(&format!("a: '{deep}'")).is_ok());
+        assert!(shape(&format!("a: \"{deep}\"")).is_ok());
+        assert!(shape(&format!("a: \"\\\" {deep}\"")).is_ok());
+        assert!(shape(&format!("a: 1 # {deep}\nb: 2")).is_ok());
+        assert!(shape(&format!("{}{}", "[".repeat(64), "]".repeat(64))).is_ok());
+        let (pos, _) = shape(&format!("a: 1\nb: {deep}")).unwrap_err();
+        assert_eq!(
+            pos,
+            Pos {
+                line: 2,
+                column: 68
+            }
+        );
+        assert!(shape(&" ".repeat(MAX_BYTES + 1)).is_err());
     }
 
     #[test]

@@ -126,10 +126,21 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         }
     };
 
+    // A hostile shape is refused in one linear pass before either parser sees it: libyaml
+    // takes minutes over 100,000 nested brackets.
+    if let Err((pos, message)) = locate::shape(text) {
+        return fail(pos, &message);
+    }
     // Both parsers read the text: saphyr for positions, serde_yaml for values. On a syntax
     // error libyaml's message (with the context it was parsing) is the better one; saphyr's is
-    // used when it alone refuses the text.
-    let (index, mut document) = match (locate::index(text), serde_yaml::from_str::<Value>(text)) {
+    // used when it alone refuses the text. saphyr goes first: what it refuses outright (too
+    // deep, a duplicate key) never reaches libyaml.
+    let index = locate::index(text);
+    if let Err(IndexError::Problems(errors)) = index {
+        let errors = errors.iter().map(|(pos, message)| place(*pos, message));
+        return Err(ConfigErrors(errors.collect()));
+    }
+    let (index, mut document) = match (index, serde_yaml::from_str::<Value>(text)) {
         (Ok(index), Ok(document)) => (index, document),
         (Err(IndexError::Problems(errors)), _) => {
             let errors = errors.iter().map(|(pos, message)| place(*pos, message));

@@ -440,7 +440,11 @@ impl Daemon {
     }
 
     async fn try_reload(&self) -> Result<(), ReloadError> {
-        let new = config::load(&self.path)?;
+        // Parsed on the blocking pool: neither the admin API nor a worker waits on it.
+        let path = self.path.clone();
+        let new = tokio::task::spawn_blocking(move || config::load(&path))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
         let mut running = self.running.lock().await;
         // 1. Everything that can fail, before anything changes.
         let mut prepared = Vec::new();
