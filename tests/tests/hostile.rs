@@ -389,3 +389,186 @@ fn hostile_config_shapes_are_refused_at_once_and_a_reload_of_one_blocks_nothing(
     let mut c = try_connect(lb.addr()).unwrap();
     lb_tests::stream::echo_round_trip(&mut c, b"still serving").unwrap();
 }
+
+/// The property behind finding 1: every config `lb check` accepts starts and serves. Seeded
+/// random configs (edge values of every service key, backends that are refused, non-unicast or
+/// lb itself, health checks, shutdown times) go through `lb check`; each accepted one must
+/// start, stay up and carry an echo through at least one of five connections (unless the one
+/// backend that answers is drained: then it must stay up and reset clients); each refused one must also be
+/// refused by `lb run` (exit 78). `LB_PROPERTY_SEED=S` replays a run, `LB_PROPERTY_ROUNDS=N`
+/// sets its length.
+#[test]
+fn every_config_lb_check_accepts_starts_and_serves() {
+    use lb_tests::stream::Rng;
+    let seed: u64 = std::env::var("LB_PROPERTY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(7, |d| d.as_nanos() as u64)
+        });
+    let rounds: usize = std::env::var("LB_PROPERTY_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    eprintln!("every_config_lb_check_accepts_starts_and_serves: seed {seed} (LB_PROPERTY_SEED)");
+    let backend = Backend::echo();
+    let dir = TempDir::new();
+    let mut rng = Rng::new(seed);
+    let pick = |rng: &mut Rng, options: &[&str]| -> String {
+        options[rng.range(0..options.len())].to_owned()
+    };
+    let (mut accepted, mut refused) = (0, 0);
+    for round in 0..rounds {
+        let listen = free_addr();
+        let echo = backend.addr().to_string();
+        let mut backends = vec![(
+            echo.clone(),
+            pick(&mut rng, &["1", "1", "1", "3", "1000", "0", "1001"]),
+        )];
+        let extra = pick(
+            &mut rng,
+            &[
+                "",
+                "",
+                "127.0.0.1:1",
+                "255.255.255.255:80",
+                "224.0.0.1:80",
+                "self",
+                "[::1]:1",
+            ],
+        );
+        if !extra.is_empty() {
+            let addr = if extra == "self" {
+                listen.to_string()
+            } else {
+                extra
+            };
+            backends.push((addr, pick(&mut rng, &["1", "0"])));
+        }
+        let mut service = format!("  - name: p\n    listen: \"{listen}\"\n");
+        for (key, options) in [
+            (
+                "algorithm",
+                &[
+                    "round_robin",
+                    "weighted_round_robin",
+                    "least_connections",
+                    "random",
+                    "maglev",
+                    "source_hash",
+                    "bogus",
+                ][..],
+            ),
+            (
+                "maglev_table_size",
+                &["257", "65537", "1000003", "256", "65536"][..],
+            ),
+            ("connect_timeout", &["1ms", "2s", "365d", "366d", "0s"][..]),
+            ("retries", &["0", "2", "16", "17", "-1"][..]),
+            (
+                "idle_timeout",
+                &[
+                    "1s",
+                    "1h",
+                    "365d",
+                    "366d",
+                    "500000000000years",
+                    "18446744073709551615s",
+                ][..],
+            ),
+            (
+                "max_connections",
+                &["1", "10000", "0", "4294967295", "4294967296"][..],
+            ),
+            ("proxy_protocol", &["off", "off", "v1", "v2", "v3"][..]),
+            (
+                "tcp_keepalive",
+                &[
+                    "off", "1s", "60s", "32767s", "32768s", "10h", "500ms", "1ns", "0s",
+                ][..],
+            ),
+        ] {
+            if rng.range(0..4) == 0 {
+                service.push_str(&format!("    {key}: {}\n", pick(&mut rng, options)));
+            }
+        }
+        if rng.range(0..3) == 0 {
+            let (interval, timeout) = (
+                pick(&mut rng, &["1s", "2s", "366d"]),
+                pick(&mut rng, &["500ms", "2s", "1ns"]),
+            );
+            service.push_str(&format!(
+                "    health_check:\n      kind: tcp\n      interval: {interval}\n      timeout: {timeout}\n"
+            ));
+        }
+        service.push_str("    backends:\n");
+        for (addr, weight) in &backends {
+            service.push_str(&format!(
+                "      - address: \"{addr}\"\n        weight: {weight}\n"
+            ));
+        }
+        let shutdown = pick(&mut rng, &["1s", "30s", "30s", "365d", "0s"]);
+        let yaml = format!(
+            "dataplane:\n  mode: proxy\nshutdown_timeout: {shutdown}\nservices:\n{service}"
+        );
+        let path = dir.path.join(format!("round{round}.yaml"));
+        fs::write(&path, &yaml).unwrap();
+        let file = path.to_str().unwrap();
+        let context = format!("seed {seed} round {round}:\n{yaml}");
+        let check = lb::run_to_exit(&["check", "--config", file], Duration::from_secs(10));
+        if check.status.code() != Some(0) {
+            refused += 1;
+            let run = lb::run_to_exit(&["run", "--config", file], Duration::from_secs(10));
+            assert_eq!(
+                run.status.code(),
+                Some(78),
+                "lb check refused it, lb run did not exit 78; {context}"
+            );
+            continue;
+        }
+        accepted += 1;
+        let mut lb = Lb::try_start(&yaml, &[]).unwrap_or_else(|e| {
+            panic!("lb check accepted it but lb run did not start: {e:?}; {context}")
+        });
+        // The echo backend is the only one that answers: drained, nothing can be served.
+        let drained = backends[0].1 == "0";
+        // With a PROXY header the echo sends the header back first: any answer is service.
+        let with_header = service.contains("proxy_protocol: v");
+        let served = (0..5).any(|_| {
+            try_connect(lb.addr()).is_ok_and(|mut c| {
+                use std::io::{Read as _, Write as _};
+                let _ = c.set_read_timeout(Some(Duration::from_secs(3)));
+                if with_header {
+                    let mut buf = [0u8; 16];
+                    c.write_all(b"property").is_ok() && c.read(&mut buf).is_ok_and(|n| n > 0)
+                } else {
+                    lb_tests::stream::echo_round_trip(&mut c, b"property").is_ok()
+                }
+            })
+        });
+        assert!(
+            served || drained,
+            "an accepted config serves nothing; {context}\nlb:\n{}",
+            lb.stderr()
+        );
+        assert!(
+            lb.try_wait().is_none(),
+            "lb exited; {context}\nlb:\n{}",
+            lb.stderr()
+        );
+        let status = lb.sigterm_and_wait(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(0), "{context}\nlb:\n{}", lb.stderr());
+        assert!(
+            !lb.stderr().contains("panicked"),
+            "{context}\nlb:\n{}",
+            lb.stderr()
+        );
+    }
+    eprintln!("seed {seed}: {accepted} configs accepted and served, {refused} refused by both");
+    assert!(
+        accepted > 0 && refused > 0,
+        "seed {seed}: the draw covered one side only"
+    );
+}
