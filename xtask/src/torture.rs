@@ -9,6 +9,8 @@ use crate::util::{cargo, step};
 /// The torture tests by the name `--dataplane` takes.
 const VARIANTS: &[(&str, &str)] = &[
     ("proxy", "torture_proxy"),
+    ("proxy-concurrent", "torture_proxy_concurrent"),
+    ("sockmap-concurrent", "torture_sockmap_concurrent"),
     ("auto", "torture_auto_with_shipped_defaults"),
     ("sockmap-defaults", "torture_sockmap_with_shipped_defaults"),
     ("sockmap-at-once", "torture_sockmap_promoted_at_once"),
