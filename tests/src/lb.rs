@@ -517,15 +517,21 @@ pub struct LbConfig {
     pub dataplane: String,
     pub shutdown_timeout: String,
     pub services: Vec<ServiceSpec>,
+    /// A bpffs directory of this config's own (tests run in parallel, and lb refuses a
+    /// `pin_path` another running lb holds). Clones share it.
+    pub pin_path: String,
 }
 
 impl LbConfig {
     /// `dataplane` with a 5 s drain deadline and `services`.
     pub fn new(dataplane: &str, services: Vec<ServiceSpec>) -> LbConfig {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         LbConfig {
             dataplane: dataplane.to_owned(),
             shutdown_timeout: "5s".to_owned(),
             services,
+            pin_path: format!("/sys/fs/bpf/lb-tests/{}-{n}", std::process::id()),
         }
     }
 
@@ -538,6 +544,9 @@ impl LbConfig {
     pub fn yaml(&self) -> String {
         let mut y = String::new();
         let _ = writeln!(y, "dataplane:\n  mode: {}", self.dataplane);
+        if self.dataplane != "proxy" {
+            let _ = writeln!(y, "  pin_path: {}", self.pin_path);
+        }
         if self.dataplane == "sockmap" {
             // Every connection to the kernel at once, so the whole suite runs on the kernel
             // path (the default, 64 KiB in userspace first, has its own test).
