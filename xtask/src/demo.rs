@@ -116,6 +116,15 @@ pub fn demo() -> anyhow::Result<()> {
         "demo: dataplane in use: {}",
         dataplane().unwrap_or_else(|e| format!("unknown ({e})"))
     );
+    // And why not the others, as lb logged it.
+    let log = std::fs::read_to_string(std::env::temp_dir().join("lb-demo.log")).unwrap_or_default();
+    for line in log.lines() {
+        if let Some(i) = line.find("not used: ") {
+            let rest = &line[i + "not used: ".len()..];
+            let (why, which) = rest.rsplit_once(" dataplane=").unwrap_or((rest, "?"));
+            println!("demo:   {which} not used: {why}");
+        }
+    }
 
     let first = round(ROUND)?;
     report(
