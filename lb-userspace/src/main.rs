@@ -28,9 +28,10 @@ use clap::Parser as _;
 /// so a supervisor restarts it, rather than living on with a dead thread and serving nothing.
 const EXIT_PANIC: i32 = 70;
 
-/// Set in the environment, lb panics on purpose in the first connection it handles (the test
-/// of [`exit_on_panic`]).
-pub const PANIC_TEST_ENV: &str = "LB_TEST_PANIC_ON_CONNECTION";
+/// Set in the environment (`LB_TEST_PANIC_ON_CONNECTION`), lb panics on purpose in the first
+/// connection it handles (the test of [`exit_on_panic`]). Read once, not per connection.
+pub static PANIC_ON_CONNECTION: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var_os("LB_TEST_PANIC_ON_CONNECTION").is_some());
 
 /// Makes any panic, on any thread, end the process with [`EXIT_PANIC`] once it is logged.
 fn exit_on_panic() {

@@ -154,27 +154,33 @@ fn a_panic_in_a_connection_ends_lb_with_exit_code_70() {
     );
 }
 
+/// lb (proxy, one service `name` in front of `backend`, an admin API) with `fds` file
+/// descriptors in all: the hard limit too, since lb raises its soft limit to the hard one.
+fn with_fds(name: &str, backend: std::net::SocketAddr, fds: u32) -> lb_tests::admin::AdminLb {
+    let config = LbConfig::new("proxy", vec![ServiceSpec::new(name, &[backend])]);
+    let config = lb_tests::admin::with_listen_addresses(&config);
+    let admin = free_addr();
+    let yaml = lb_tests::admin::render(&config, Some(admin), &|_| {});
+    let nofile = format!("--nofile={fds}:{fds}");
+    let launch = Launch {
+        wrapper: &["prlimit", &nofile],
+        ..Launch::default()
+    };
+    let lb = Lb::try_start_with(&yaml, &[], &launch).expect("lb starts");
+    let lb = lb_tests::admin::AdminLb { lb, admin, config };
+    lb.wait_for_admin(Duration::from_secs(10));
+    lb
+}
+
 /// Before: with few file descriptors and many clients, lb's own "Too many open files" on the
 /// backend connect counted as the backend's connect failure, and passive ejection took a
 /// healthy backend out. Now lb's shortage is counted as its own (`lb_local_errors_total`),
 /// the backend keeps a clean record and stays eligible, and once clients leave lb serves again.
 #[test]
 fn lbs_own_fd_exhaustion_is_never_blamed_on_a_backend() {
-    use lb_tests::admin::{AdminLb, render};
     use std::io::{Read as _, Write as _};
     let backend = Backend::echo();
-    let config = LbConfig::new("proxy", vec![ServiceSpec::new("few", &[backend.addr()])]);
-    let config = lb_tests::admin::with_listen_addresses(&config);
-    let admin = free_addr();
-    let yaml = render(&config, Some(admin), &|_| {});
-    // 64 descriptors in all, hard limit too (lb raises its soft limit to the hard one).
-    let launch = Launch {
-        wrapper: &["prlimit", "--nofile=64:64"],
-        ..Launch::default()
-    };
-    let lb = Lb::try_start_with(&yaml, &[], &launch).expect("lb starts");
-    let lb = AdminLb { lb, admin, config };
-    lb.wait_for_admin(Duration::from_secs(10));
+    let lb = with_fds("few", backend.addr(), 64);
     let addr = lb.addr();
     // Clients that each hold a working connection, until lb has no descriptor left: then an
     // accepted client finds no socket for its backend and is reset.
@@ -230,21 +236,11 @@ fn lbs_own_fd_exhaustion_is_never_blamed_on_a_backend() {
 /// and the admin API answers again.
 #[test]
 fn idle_and_slow_admin_clients_cannot_starve_the_data_path() {
-    use lb_tests::admin::{AdminLb, render};
     use std::io::{Read as _, Write as _};
     use std::net::TcpStream;
     let backend = Backend::echo();
-    let config = LbConfig::new("proxy", vec![ServiceSpec::new("data", &[backend.addr()])]);
-    let config = lb_tests::admin::with_listen_addresses(&config);
-    let admin = free_addr();
-    let yaml = render(&config, Some(admin), &|_| {});
-    let launch = Launch {
-        wrapper: &["prlimit", "--nofile=128:128"],
-        ..Launch::default()
-    };
-    let lb = Lb::try_start_with(&yaml, &[], &launch).expect("lb starts");
-    let lb = AdminLb { lb, admin, config };
-    lb.wait_for_admin(Duration::from_secs(10));
+    let lb = with_fds("data", backend.addr(), 128);
+    let admin = lb.admin;
     let started = std::time::Instant::now();
     let idle: Vec<TcpStream> = (0..300)
         .filter_map(|_| TcpStream::connect_timeout(&admin, Duration::from_millis(500)).ok())

@@ -212,13 +212,6 @@ pub fn choose(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
 /// interface configured) this loads and attaches the program (`fresh`: after removing what a
 /// previous daemon pinned); for sockmap it loads the verdict program and runs the self-test.
 fn choose_inner(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
-    let plain = |kind, passed_over| Choice {
-        kind,
-        passed_over,
-        xdp: None,
-        sockmap: None,
-        pin_lock: None,
-    };
     // Taken before any pin is touched, only where an eBPF dataplane is tried.
     let wants_pins = match config.dataplane.mode {
         DataplaneMode::Proxy => false,
@@ -232,16 +225,21 @@ fn choose_inner(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
     } else {
         None
     };
-    let choice = choose_mode(config, fresh, plain)?;
-    Ok(Choice { pin_lock, ..choice })
+    Ok(Choice {
+        pin_lock,
+        ..choose_mode(config, fresh)?
+    })
 }
 
 /// [`choose_inner`] once `pin_path` is this instance's.
-fn choose_mode(
-    config: &Config,
-    fresh: bool,
-    plain: impl Fn(Kind, Vec<(&'static str, String)>) -> Choice,
-) -> Result<Choice, ChooseError> {
+fn choose_mode(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
+    let plain = |kind, passed_over| Choice {
+        kind,
+        passed_over,
+        xdp: None,
+        sockmap: None,
+        pin_lock: None,
+    };
     let with_sockmap = |sockmap, passed_over| Choice {
         sockmap: Some(sockmap),
         ..plain(Kind::Sockmap, passed_over)
@@ -288,14 +286,12 @@ fn choose_mode(
                     Ok(sockmap) => return Ok(with_sockmap(sockmap, vec![("xdp", xdp_why)])),
                     Err(why) => why,
                 }
+            } else if config.dataplane.sockmap.refused() {
+                "dataplane.sockmap.enabled is false".to_owned()
             } else {
-                if config.dataplane.sockmap.refused() {
-                    "dataplane.sockmap.enabled is false".to_owned()
-                } else {
-                    "not picked unless dataplane.sockmap.enabled: true (the kernel's redirect \
-                     path can repeat a segment of a bulk stream under load; see the README)"
-                        .to_owned()
-                }
+                "not picked unless dataplane.sockmap.enabled: true (the kernel's redirect \
+                 path can repeat a segment of a bulk stream under load; see the README)"
+                    .to_owned()
             };
             Ok(plain(
                 Kind::Proxy,

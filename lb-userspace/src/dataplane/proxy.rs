@@ -108,8 +108,8 @@ pub async fn serve(
 /// One client connection: pick, connect with retries, PROXY header, relay.
 async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: &Shared) {
     let config = &service.config;
-    if std::env::var_os(crate::PANIC_TEST_ENV).is_some() {
-        panic!("{} is set: a panic on purpose", crate::PANIC_TEST_ENV);
+    if *crate::PANIC_ON_CONNECTION {
+        panic!("LB_TEST_PANIC_ON_CONNECTION is set: a panic on purpose");
     }
     let _ = client.set_nodelay(true);
     let mut tried: Vec<usize> = Vec::with_capacity(1 + config.retries as usize);
