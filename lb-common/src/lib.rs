@@ -63,6 +63,12 @@ pub mod names {
     pub const SK_STATS: &str = "SK_STATS";
     /// The sockmap stream verdict program.
     pub const SK_PROG: &str = "lb_sk_verdict";
+    /// Sockmap program globals (`u32`, set at load from the kernel's BTF): the byte offsets
+    /// of `sk_buff.cb` (whose first word is the skb's TCP sequence number), `sk_buff.sk` and
+    /// `tcp_sock.copied_seq`. 0 (unset) turns the repeat check off.
+    pub const SK_OFF_CB: &str = "LB_OFF_SKB_CB";
+    pub const SK_OFF_SK: &str = "LB_OFF_SKB_SK";
+    pub const SK_OFF_COPIED: &str = "LB_OFF_TCP_COPIED";
 }
 
 /// `family` of an IPv4 address.
@@ -497,8 +503,14 @@ pub struct SockPeer {
     pub bytes: u64,
     /// Bytes passed up to this socket's own queue for the daemon to relay.
     pub passed_bytes: u64,
+    /// TCP sequence number of the next byte this socket has not yet handed on (valid when
+    /// `seq_known` is non-zero; set from the socket's `copied_seq` by the first skb). An skb
+    /// that starts before it repeats bytes already handed on, and loses them.
+    pub next_seq: u32,
+    /// Non-zero once `next_seq` is known.
+    pub seq_known: u32,
 }
-const _: () = assert!(core::mem::size_of::<SockPeer>() == 24);
+const _: () = assert!(core::mem::size_of::<SockPeer>() == 32);
 
 /// Value of [`names::SK_CTRL`]: what the daemon says about one socket's direction. Written by
 /// the daemon only, always whole.
@@ -533,10 +545,19 @@ pub enum SkEvent {
     /// An skb without data (a FIN alone): dropped; the daemon reads the EOF from TCP. (Queued
     /// in the kernel, it would come out as 0 bytes sent and break the socket with EPIPE.)
     Empty = 6,
+    /// An skb that repeated bytes already handed on (TCP queues a retransmit that overlaps
+    /// what it has received whole, and the kernel hands the whole skb to the program): skbs
+    /// trimmed or dropped.
+    Repeat = 7,
+    /// Bytes cut from those skbs.
+    RepeatBytes = 8,
+    /// A repeat that could not be cut (the kernel refused to shrink the skb): skbs. Should
+    /// stay 0; anything else means a stream carried repeated bytes.
+    RepeatUncut = 9,
 }
 
 impl SkEvent {
-    pub const ALL: [SkEvent; 7] = [
+    pub const ALL: [SkEvent; 10] = [
         SkEvent::Redirect,
         SkEvent::RedirectBytes,
         SkEvent::Passed,
@@ -544,8 +565,11 @@ impl SkEvent {
         SkEvent::NoTarget,
         SkEvent::NoPeer,
         SkEvent::Empty,
+        SkEvent::Repeat,
+        SkEvent::RepeatBytes,
+        SkEvent::RepeatUncut,
     ];
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 10;
 
     /// The label used in metrics (`lb_sockmap_events_total{event=".."}`).
     pub const fn label(self) -> &'static str {
@@ -557,6 +581,9 @@ impl SkEvent {
             SkEvent::NoTarget => "no_target",
             SkEvent::NoPeer => "no_peer",
             SkEvent::Empty => "empty",
+            SkEvent::Repeat => "repeat",
+            SkEvent::RepeatBytes => "repeat_bytes",
+            SkEvent::RepeatUncut => "repeat_uncut",
         }
     }
 }

@@ -8,6 +8,7 @@
 //!
 //! `mode: auto` picks the best one that works and says which, and why not the others.
 
+mod btf;
 mod neigh;
 pub mod pipes;
 pub mod proxy;

@@ -108,6 +108,11 @@ pub enum SockmapError {
     },
     #[error("socket")]
     Socket(#[source] io::Error),
+    #[error(
+        "cannot find in the kernel's BTF the fields the verdict program reads to cut repeated \
+         bytes (without them a retransmit can reach the peer twice)"
+    )]
+    Btf(#[source] super::btf::BtfError),
     #[error("start-up self-test failed: {0}")]
     SelfTest(String),
 }
@@ -164,6 +169,26 @@ impl std::fmt::Debug for Sockmap {
     }
 }
 
+/// Where the verdict program finds an skb's TCP sequence number and its socket's
+/// `copied_seq` on this kernel (see `lb_sk_verdict`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqOffsets {
+    pub skb_cb: u32,
+    pub skb_sk: u32,
+    pub tcp_copied_seq: u32,
+}
+
+impl SeqOffsets {
+    pub fn of_kernel() -> Result<SeqOffsets, super::btf::BtfError> {
+        let btf = super::btf::Btf::kernel()?;
+        Ok(SeqOffsets {
+            skb_cb: btf.offset_of("sk_buff", "cb")?,
+            skb_sk: btf.offset_of("sk_buff", "sk")?,
+            tcp_copied_seq: btf.offset_of("tcp_sock", "copied_seq")?,
+        })
+    }
+}
+
 impl Sockmap {
     /// Loads the program, pins fresh maps under `pin_dir` (replacing pins a previous daemon
     /// left: its connections died with it) sized for `max_sockets`, and attaches the verdict
@@ -171,7 +196,11 @@ impl Sockmap {
     pub fn load(pin_dir: &Path, max_sockets: u32) -> Result<Sockmap, SockmapError> {
         create_pin_dir(pin_dir)?;
         remove_pins(pin_dir)?;
+        let offsets = SeqOffsets::of_kernel().map_err(SockmapError::Btf)?;
         let mut ebpf = EbpfLoader::new()
+            .override_global(names::SK_OFF_CB, &offsets.skb_cb, true)
+            .override_global(names::SK_OFF_SK, &offsets.skb_sk, true)
+            .override_global(names::SK_OFF_COPIED, &offsets.tcp_copied_seq, true)
             .map_max_entries(names::SK_SOCKS, max_sockets)
             .map_max_entries(names::SK_CTRL, max_sockets)
             .map_max_entries(names::SK_PARK, max_sockets)
