@@ -70,6 +70,9 @@ fn torture(name: &str, mode: &str, edit: &dyn Fn(&mut Value), env: &[(&str, &str
     let budget = Budget::from_env(ROUNDS, MAX_LEN);
     let rounds = torture::run(name, &target, budget);
     assert!(rounds > 0, "no round ran");
+    if let Some(events) = verdict_events(&pins.0) {
+        check_repeats(name, &events);
+    }
     assert!(
         !lb.stderr().contains("panicked"),
         "lb panicked:\n{}",
@@ -140,6 +143,9 @@ fn torture_concurrent(name: &str, mode: &str, clients: usize, edit: &dyn Fn(&mut
         sockets <= sockets_before,
         "{name}: lb holds {sockets} sockets after {rounds} rounds, {sockets_before} before"
     );
+    if let Some(events) = verdict_events(&pins.0) {
+        check_repeats(name, &events);
+    }
     assert!(
         !lb.stderr().contains("panicked"),
         "lb panicked:\n{}",
@@ -153,13 +159,63 @@ fn torture_proxy_concurrent() {
 }
 
 #[test]
-#[ignore = "the kernel's sk_skb redirect repeats a 64 KiB segment about once in 10,000 bulk \
-            transfers under concurrent load (issue 13, README): run it with cargo xtask torture"]
 fn torture_sockmap_concurrent() {
     if !privileged("torture_sockmap_concurrent") {
         return;
     }
     torture_concurrent("sockmap-concurrent", "sockmap", 4, &shipped_sockmap);
+}
+
+/// The sockmap verdict program's counters (`SK_STATS`, summed over CPUs, by index), read with
+/// bpftool from the pin directory; `None` when lb pinned no sockmap there (another dataplane).
+fn verdict_events(pin_dir: &str) -> Option<Vec<u64>> {
+    let path = format!("{pin_dir}/SK_STATS");
+    if !std::path::Path::new(&path).exists() {
+        return None;
+    }
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned", &path])
+        .output()
+        .expect("bpftool (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    let mut events = Vec::new();
+    for entry in dump.as_array().expect("an array") {
+        let formatted = &entry["formatted"];
+        let key = formatted["key"].as_u64().expect("key") as usize;
+        let sum = formatted["values"]
+            .as_array()
+            .expect("per-CPU values")
+            .iter()
+            .map(|v| v["value"].as_u64().expect("a u64"))
+            .sum();
+        events.resize(events.len().max(key + 1), 0);
+        events[key] = sum;
+    }
+    Some(events)
+}
+
+/// Prints what the verdict program cut, and fails if it ever could not cut a repeat (the
+/// rounds' byte checks fail first if a repeat reached a peer; this names the cause).
+fn check_repeats(name: &str, events: &[u64]) {
+    // Indices as in the README's `SK_STATS` row: 7 repeat, 8 repeat_bytes, 9 repeat_uncut.
+    let get = |i: usize| events.get(i).copied().unwrap_or(0);
+    eprintln!(
+        "{name}: the verdict program cut {} repeated bytes from {} skbs ({} uncut)",
+        get(8),
+        get(7),
+        get(9)
+    );
+    assert_eq!(
+        get(9),
+        0,
+        "{name}: the verdict program could not cut {} repeats",
+        get(9)
+    );
 }
 
 /// Removes `dataplane.sockmap` from the YAML: the shipped defaults.
