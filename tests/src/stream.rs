@@ -94,6 +94,24 @@ impl Pattern {
         None
     }
 
+    /// Where in the stream `window` (bytes received at `offset`, at least 32 of them) comes
+    /// from, as a shift: `Some(d)` means they are the stream's bytes from `offset - d` (d > 0:
+    /// earlier bytes again, a repeat; d < 0: bytes skipped). The stream repeats every
+    /// [`Self::BLOCK`] bytes, so the shift is the one nearest 0 modulo that.
+    pub fn shift_of(&self, offset: u64, window: &[u8]) -> Option<i64> {
+        if window.len() < 32 {
+            return None;
+        }
+        let needle = &window[..32];
+        let block = &self.block[..];
+        let found = (0..Self::BLOCK)
+            .find(|&i| (0..32).all(|k| block[(i + k) % Self::BLOCK] == needle[k]))?;
+        let here = (offset % Self::BLOCK as u64) as i64;
+        let n = Self::BLOCK as i64;
+        let d = (here - found as i64).rem_euclid(n);
+        Some(if d > n / 2 { d - n } else { d })
+    }
+
     /// Writes `len` bytes of the stream to `w`, each also fed to `hasher`.
     pub fn send(&self, w: &mut impl Write, len: u64, hasher: &mut StreamHasher) -> io::Result<()> {
         let mut sent = 0u64;
@@ -412,6 +430,16 @@ pub fn raise_nofile_limit() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mismatch_is_located_as_a_repeat_or_a_skip() {
+        let p = Pattern::new(7);
+        let window = p.at(5000, 64).to_vec();
+        assert_eq!(p.shift_of(6000, &window), Some(1000));
+        assert_eq!(p.shift_of(4000, &window), Some(-1000));
+        assert_eq!(p.shift_of(6000, &window[..16]), None);
+        assert_eq!(p.shift_of(6000, &[0x5a; 64]), None);
+    }
 
     #[test]
     fn pattern_check_finds_the_first_difference_across_blocks() {

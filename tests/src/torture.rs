@@ -215,6 +215,8 @@ impl Budget {
 struct Seen {
     bytes: u64,
     first_mismatch: Option<u64>,
+    /// Where the bytes at the first mismatch come from ([`Pattern::shift_of`]).
+    shift: Option<i64>,
     end: End,
 }
 
@@ -485,8 +487,13 @@ fn run_round(target: &Target, plan: &Plan) -> Result<(), String> {
     let check = |who: &str, seen: &Seen, expect_len: u64, ends: &[End], exact: bool| {
         let mut out = Vec::new();
         if let Some(at) = seen.first_mismatch {
+            let origin = match seen.shift {
+                Some(d) if d > 0 => format!("; they are the bytes sent {d} earlier (a repeat)"),
+                Some(d) if d < 0 => format!("; they are the bytes sent {} later (a skip)", -d),
+                _ => "; they are from nowhere in the stream".to_owned(),
+            };
             out.push(format!(
-                "{who} received wrong bytes from offset {at} ({} received, {expect_len} sent)",
+                "{who} received wrong bytes from offset {at} ({} received, {expect_len} sent){origin}",
                 seen.bytes
             ));
         }
@@ -685,6 +692,7 @@ fn read_stream(mut s: &TcpStream, pattern: &Pattern, expect: u64, habits: Habits
     let mut buf = vec![0u8; habits.slow_read.unwrap_or(256 * 1024)];
     let mut bytes = 0u64;
     let mut first_mismatch = None;
+    let mut shift = None;
     let mut reads = 0u64;
     let end = loop {
         if bytes > expect + (1 << 20) {
@@ -693,8 +701,11 @@ fn read_stream(mut s: &TcpStream, pattern: &Pattern, expect: u64, habits: Habits
         match s.read(&mut buf) {
             Ok(0) => break End::Eof,
             Ok(n) => {
-                if first_mismatch.is_none() {
-                    first_mismatch = pattern.check(bytes, &buf[..n]).map(|i| bytes + i as u64);
+                if first_mismatch.is_none()
+                    && let Some(i) = pattern.check(bytes, &buf[..n])
+                {
+                    first_mismatch = Some(bytes + i as u64);
+                    shift = pattern.shift_of(bytes + i as u64, &buf[i..n]);
                 }
                 bytes += n as u64;
                 reads += 1;
@@ -709,6 +720,7 @@ fn read_stream(mut s: &TcpStream, pattern: &Pattern, expect: u64, habits: Habits
     Seen {
         bytes,
         first_mismatch,
+        shift,
         end,
     }
 }

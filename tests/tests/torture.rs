@@ -128,8 +128,16 @@ fn torture_concurrent(name: &str, mode: &str, clients: usize, edit: &dyn Fn(&mut
                 })
             })
             .collect();
-        runs.into_iter()
-            .map(|r| r.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        let results: Vec<_> = runs.into_iter().map(|r| r.join()).collect();
+        if results.iter().any(Result::is_err)
+            && let Some(events) = verdict_events(&pins.0)
+        {
+            // What the verdict program did, for the failure's diagnosis.
+            eprintln!("{name}: verdict events by SK_STATS index: {events:?}");
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| std::panic::resume_unwind(e)))
             .sum()
     });
     assert!(rounds > 0, "no round ran");
