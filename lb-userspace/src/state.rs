@@ -16,7 +16,7 @@ use std::{
 
 use crate::{
     balance::{self, Candidate, PickCtx, Selector},
-    config::{Algorithm, InitialState, ServiceConfig},
+    config::{InitialState, ServiceConfig},
 };
 
 /// Health as the checks see it.
@@ -220,7 +220,7 @@ impl Service {
             })
             .collect();
         let selector = Selector::new(
-            algorithm(config.algorithm),
+            config.algorithm,
             &candidates,
             config.maglev_table_size as usize,
         )
@@ -287,16 +287,5 @@ impl Service {
         backend.consecutive_failures.store(0, Relaxed);
         backend.eject(u64::try_from(time.as_millis()).unwrap_or(u64::MAX));
         tracing::warn!(backend = %backend.address, failures, ejected_for = ?time, "backend ejected after consecutive connect failures");
-    }
-}
-
-fn algorithm(a: Algorithm) -> balance::Algorithm {
-    match a {
-        Algorithm::RoundRobin => balance::Algorithm::RoundRobin,
-        Algorithm::WeightedRoundRobin => balance::Algorithm::WeightedRoundRobin,
-        Algorithm::LeastConnections => balance::Algorithm::LeastConnections,
-        Algorithm::Random => balance::Algorithm::Random,
-        Algorithm::Maglev => balance::Algorithm::Maglev,
-        Algorithm::SourceHash => balance::Algorithm::SourceHash,
     }
 }

@@ -49,7 +49,6 @@ pub(super) const MAX_MAGLEV_TABLE_SIZE: usize = 1 << 24;
 /// format (see the module doc).
 const OFFSET_KEYS: (u64, u64) = (0x6c62_2d6d_6167_6c65, 0x762d_6f66_6673_6574);
 const SKIP_KEYS: (u64, u64) = (0x6c62_2d6d_6167_6c65, 0x762d_736b_6970_2d31);
-const CLIENT_KEYS: (u64, u64) = (0x6c62_2d6d_6167_6c65, 0x762d_636c_6965_6e74);
 const FALLBACK_KEYS: (u64, u64) = (0x6c62_2d6d_6167_6c65, 0x762d_6661_6c6c_6261);
 const DIGEST_KEYS: (u64, u64) = (0x6c62_2d6d_6167_6c65, 0x762d_6469_6765_7374);
 
@@ -58,7 +57,7 @@ const EMPTY: u32 = u32::MAX;
 
 /// Whether `n` is prime (trial division; `n <= MAX_MAGLEV_TABLE_SIZE` takes
 /// at most ~2000 divisions).
-pub(super) fn is_prime(n: usize) -> bool {
+pub fn is_prime(n: usize) -> bool {
     if n < 4 {
         return n >= 2;
     }
@@ -88,26 +87,24 @@ pub(super) fn validate_table_size(size: usize) -> Result<(), BalanceError> {
 
 /// Hash of a client address for the table lookup: SipHash-2-4 over the ip's
 /// octets (4 for IPv4, including IPv4-mapped IPv6, 16 for IPv6) followed,
-/// when `with_port`, by the port in network byte order.
+/// when `with_port`, by the port in network byte order. One definition for the
+/// daemon and the XDP program: `lb_common::sip`, which the kernel side calls with
+/// the words it loads from the packet.
 pub(super) fn client_hash(client: SocketAddr, with_port: bool) -> u64 {
-    let mut buf = [0u8; 18];
+    // The words as a little-endian load from the packet gives them.
+    let port = u16::from_le_bytes(client.port().to_be_bytes());
     // Canonical form: a dual-stack listener reports IPv4 clients as
     // ::ffff:a.b.c.d, and they must map like the same client seen over IPv4.
-    let mut len = match client.ip().to_canonical() {
+    match client.ip().to_canonical() {
         IpAddr::V4(v4) => {
-            buf[..4].copy_from_slice(&v4.octets());
-            4
+            lb_common::sip::client_v4(u32::from_le_bytes(v4.octets()), port, with_port)
         }
         IpAddr::V6(v6) => {
-            buf[..16].copy_from_slice(&v6.octets());
-            16
+            let o = v6.octets();
+            let word = |i: usize| u32::from_le_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            lb_common::sip::client_v6([word(0), word(4), word(8), word(12)], port, with_port)
         }
-    };
-    if with_port {
-        buf[len..len + 2].copy_from_slice(&client.port().to_be_bytes());
-        len += 2;
     }
-    sip(CLIENT_KEYS, &buf[..len])
 }
 
 fn sip(keys: (u64, u64), bytes: &[u8]) -> u64 {
@@ -584,6 +581,46 @@ mod tests {
         let message: Vec<u8> = (0..15).collect();
         assert_eq!(sip((k0, k1), &[]), 0x726f_db47_dd0e_0e31);
         assert_eq!(sip((k0, k1), &message), 0xa129_ca61_49be_45e5);
+    }
+
+    /// The client hash (`lb_common::sip`, shared with the XDP program) is the reference
+    /// SipHash-2-4 with the client keys over the address octets and, with the port, the port
+    /// in network byte order, for IPv4, IPv6 and IPv4-mapped clients.
+    #[test]
+    fn the_client_hash_is_siphash_of_the_address_and_port_bytes() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..2000 {
+            let (a, b, port) = (next(), next(), next() as u16);
+            let v4 = std::net::Ipv4Addr::from(a as u32);
+            let v6 = std::net::Ipv6Addr::from(u128::from(a) << 64 | u128::from(b));
+            for with_port in [false, true] {
+                let bytes = |octets: &[u8]| {
+                    let mut v = octets.to_vec();
+                    if with_port {
+                        v.extend(port.to_be_bytes());
+                    }
+                    sip(lb_common::sip::CLIENT_KEYS, &v)
+                };
+                let at = |ip: IpAddr| client_hash(SocketAddr::new(ip, port), with_port);
+                assert_eq!(
+                    at(v4.into()),
+                    bytes(&v4.octets()),
+                    "{v4}:{port} {with_port}"
+                );
+                assert_eq!(at(v4.to_ipv6_mapped().into()), bytes(&v4.octets()));
+                assert_eq!(
+                    at(v6.into()),
+                    bytes(&v6.octets()),
+                    "[{v6}]:{port} {with_port}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -31,13 +31,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 pub use maglev::MaglevTableView;
+#[allow(unused_imports, reason = "the bench compiles this module alone")]
+pub use maglev::is_prime;
 use maglev::{MAX_MAGLEV_TABLE_SIZE, validate_table_size};
 
-/// The backend selection algorithm of a pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The backend selection algorithm of a pool. The config file's spellings of it
+/// (`round_robin`, ...) live with the rest of the config's keywords (`config::types`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Algorithm {
     /// Cycle over usable candidates in candidate order; weight is ignored
-    /// except that weight 0 is never chosen.
+    /// except that weight 0 is never chosen. The default.
+    #[default]
     RoundRobin,
     /// Smooth weighted round robin (the nginx algorithm): over any multiple
     /// of the sum of weights, starting from a fresh selector with every
@@ -58,20 +62,6 @@ pub enum Algorithm {
     /// connection of one client lands on the same backend while it is
     /// usable.
     SourceHash,
-}
-
-impl fmt::Display for Algorithm {
-    /// The snake_case name used in configuration (`round_robin`, ...).
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Algorithm::RoundRobin => "round_robin",
-            Algorithm::WeightedRoundRobin => "weighted_round_robin",
-            Algorithm::LeastConnections => "least_connections",
-            Algorithm::Random => "random",
-            Algorithm::Maglev => "maglev",
-            Algorithm::SourceHash => "source_hash",
-        })
-    }
 }
 
 /// One backend as selection sees it.
@@ -459,7 +449,7 @@ mod tests {
 
     fn selector(algorithm: Algorithm, weights: &[u32]) -> Selector {
         Selector::new(algorithm, &candidates(weights), SMALL_TABLE)
-            .unwrap_or_else(|e| panic!("building {algorithm}: {e}"))
+            .unwrap_or_else(|e| panic!("building {algorithm:?}: {e}"))
     }
 
     fn client(rng: &mut SplitMix) -> SocketAddr {

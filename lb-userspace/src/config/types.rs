@@ -51,6 +51,14 @@ macro_rules! keyword_enum {
             $( $(#[$vmeta])* $variant, )+
         }
 
+        keywords! { $name { $( $variant => $text, )+ } }
+    };
+}
+
+/// The spellings of an enum defined elsewhere (its owner, e.g. `balance::Algorithm`): the
+/// config file, the CLI and `/status` use these.
+macro_rules! keywords {
+    ( $name:ident { $( $variant:ident => $text:literal, )+ } ) => {
         impl $name {
             /// Every spelling, in documentation order.
             pub const NAMES: &'static [&'static str] = &[$($text),+];
@@ -125,15 +133,14 @@ keyword_enum! {
     }
 }
 
-keyword_enum! {
-    /// How a backend is chosen for a new connection.
-    #[derive(Default)]
-    pub enum Algorithm {
-        #[default]
+/// How a backend is chosen for a new connection: owned by `balance`, which implements it.
+pub use crate::balance::Algorithm;
+
+keywords! {
+    Algorithm {
         RoundRobin => "round_robin",
         WeightedRoundRobin => "weighted_round_robin",
         LeastConnections => "least_connections",
-        /// Two random choices, the less loaded wins.
         Random => "random",
         Maglev => "maglev",
         SourceHash => "source_hash",

@@ -725,6 +725,7 @@ impl Checker {
         let Some(size) = self.u32_in(path, value, *range.start(), *range.end()) else {
             return ServiceConfig::DEFAULT_MAGLEV_TABLE_SIZE;
         };
+        let is_prime = |n: u32| crate::balance::is_prime(n as usize);
         if !is_prime(size) {
             let below = (*range.start()..size).rev().find(|&n| is_prime(n));
             let above = (size..=*range.end()).find(|&n| is_prime(n));
@@ -1322,14 +1323,6 @@ fn check_interface_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn is_prime(n: u32) -> bool {
-    let n = u64::from(n);
-    n >= 2
-        && (2..)
-            .take_while(|d| d * d <= n)
-            .all(|d| !n.is_multiple_of(d))
-}
-
 /// Hex digits, optionally separated by whitespace (`"50 49 4e 47"`).
 fn decode_hex(text: &str) -> Result<Vec<u8>, String> {
     let digits: Vec<char> = text.chars().filter(|c| !c.is_whitespace()).collect();
@@ -1368,15 +1361,6 @@ fn regex_reason(e: &regex::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn primes() {
-        let primes: Vec<u32> = (0..30).filter(|&n| is_prime(n)).collect();
-        assert_eq!(primes, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
-        assert!(is_prime(65537));
-        assert!(is_prime(1_000_003));
-        assert!(!is_prime(65536));
-    }
 
     #[test]
     fn clashes() {

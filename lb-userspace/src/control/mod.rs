@@ -293,18 +293,9 @@ impl ReloadError {
     /// The message and every cause under it, `: `-separated (Display alone stops at the
     /// first line: "cannot program the XDP maps", without why).
     pub fn detail(&self) -> String {
-        let mut text = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(e) = source {
-            let line = e.to_string();
-            // Invalid configs carry their errors in the message already.
-            if !text.contains(&line) {
-                text.push_str(": ");
-                text.push_str(&line);
-            }
-            source = e.source();
-        }
-        text
+        // Invalid configs carry their errors in the message already: the chain leaves out
+        // a cause the line already holds.
+        crate::sys::error_chain(self)
     }
 }
 

@@ -158,18 +158,6 @@ fn create_pin_dir(dir: &std::path::Path) -> std::io::Result<()> {
         .create(dir)
 }
 
-/// The whole error chain on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 /// XDP links a previous daemon pinned under `pin_path`: their programs are still attached.
 fn leftover_links(config: &Config) -> Vec<String> {
     std::fs::read_dir(&config.dataplane.pin_path)
@@ -194,7 +182,7 @@ pub fn choose(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
                     tracing::info!(pin = %path.display(), "fresh start: removed");
                 }
             }
-            Err(e) => tracing::warn!("fresh start: {}", chain(&e)),
+            Err(e) => tracing::warn!("fresh start: {}", crate::sys::error_chain(&e)),
         }
     }
     if choice.kind != Kind::Xdp {
@@ -245,7 +233,8 @@ fn choose_mode(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
         sockmap: Some(sockmap),
         ..plain(Kind::Sockmap, passed_over)
     };
-    let start_xdp = || vip::XdpRuntime::start(config, fresh).map_err(|e| chain(&e));
+    let start_xdp =
+        || vip::XdpRuntime::start(config, fresh).map_err(|e| crate::sys::error_chain(&e));
     match config.dataplane.mode {
         DataplaneMode::Proxy => Ok(plain(Kind::Proxy, Vec::new())),
         DataplaneMode::Xdp => match start_xdp() {
@@ -313,8 +302,8 @@ fn start_sockmap(config: &Config) -> Result<std::sync::Arc<sockmap::Sockmap>, St
         .map(|s| 2 * u64::from(s.max_connections.get()))
         .sum();
     let sockets = u32::try_from(sockets.clamp(4096, 1 << 22)).unwrap_or(1 << 22);
-    let mut loaded =
-        sockmap::Sockmap::load(&config.dataplane.pin_path, sockets).map_err(|e| chain(&e))?;
+    let mut loaded = sockmap::Sockmap::load(&config.dataplane.pin_path, sockets)
+        .map_err(|e| crate::sys::error_chain(&e))?;
     if std::env::var_os(FORCE_SELFTEST_FAILURE).is_some() {
         return Err(format!(
             "start-up self-test failed: forced by {FORCE_SELFTEST_FAILURE}"
@@ -326,8 +315,10 @@ fn start_sockmap(config: &Config) -> Result<std::sync::Arc<sockmap::Sockmap>, St
         .map_err(|e| format!("cannot start the self-test runtime: {e}"))?;
     runtime
         .block_on(loaded.self_test())
-        .map_err(|e| chain(&e))?;
-    loaded.reset_counters().map_err(|e| chain(&e))?;
+        .map_err(|e| crate::sys::error_chain(&e))?;
+    loaded
+        .reset_counters()
+        .map_err(|e| crate::sys::error_chain(&e))?;
     tracing::info!("sockmap self-test passed: exact bytes, half-close both ways, EOF");
     Ok(std::sync::Arc::new(loaded))
 }

@@ -449,9 +449,9 @@ impl Resolver {
             }
             Err(e) => {
                 if std::mem::replace(&mut self.dump_failing, true) {
-                    tracing::debug!(error = %super::chain(&e), "cannot read the neighbour table");
+                    tracing::debug!(error = %crate::sys::error_chain(&e), "cannot read the neighbour table");
                 } else {
-                    tracing::warn!(error = %super::chain(&e), "cannot read the neighbour table; backends keep the MACs last known");
+                    tracing::warn!(error = %crate::sys::error_chain(&e), "cannot read the neighbour table; backends keep the MACs last known");
                 }
                 None
             }
@@ -479,7 +479,7 @@ impl Resolver {
                 if self.warned.insert(e.errno()) {
                     tracing::warn!(
                         backend = %ip,
-                        error = %super::chain(&e),
+                        error = %crate::sys::error_chain(&e),
                         "cannot add a managed neighbour entry: it needs Linux 5.16 and \
                          CAP_NET_ADMIN, which the daemon gives up after start-up (backends added \
                          by a reload get none); while its MAC is unknown, a UDP datagram each \
@@ -487,7 +487,7 @@ impl Resolver {
                          error)"
                     );
                 } else {
-                    tracing::debug!(backend = %ip, error = %super::chain(&e), "cannot add a managed neighbour entry");
+                    tracing::debug!(backend = %ip, error = %crate::sys::error_chain(&e), "cannot add a managed neighbour entry");
                 }
                 false
             }
@@ -770,12 +770,7 @@ mod tests {
     /// The link-layer address of `interface` in `ns`.
     fn mac_in(ns: &lb_tests::netns::NetNs, interface: &str) -> [u8; 6] {
         let out = ns.exec(&["cat", &format!("/sys/class/net/{interface}/address")]);
-        let bytes: Vec<u8> = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .split(':')
-            .map(|byte| u8::from_str_radix(byte, 16).expect("a MAC"))
-            .collect();
-        bytes.try_into().expect("6 bytes")
+        crate::sys::parse_mac(String::from_utf8_lossy(&out.stdout).trim()).expect("a MAC")
     }
 
     /// Polls a dump of `ifindex` until `ip` has a MAC, for at most 5 s.

@@ -441,7 +441,7 @@ impl Sockmap {
                 self.kept.fetch_add(1, Relaxed);
                 // Typically a side that has already sent its FIN (a socket in CLOSE_WAIT cannot
                 // enter a sockmap); counted in lb_sockmap_connections_total.
-                tracing::debug!(error = %crate::dataplane::chain(&e), "cannot hand the connection to the kernel; relaying it in userspace");
+                tracing::debug!(error = %crate::sys::error_chain(&e), "cannot hand the connection to the kernel; relaying it in userspace");
                 return relay::relay(
                     client,
                     backend,
@@ -758,7 +758,7 @@ impl Sockmap {
                             return Watched::Bulk;
                         }
                         if let Err(e) = self.pressure(dir, backlog) {
-                            tracing::warn!(error = %crate::dataplane::chain(&e), "sockmap back pressure");
+                            tracing::warn!(error = %crate::sys::error_chain(&e), "sockmap back pressure");
                         }
                         held |= dir.held.load(Relaxed);
                     }

@@ -43,7 +43,7 @@ use super::neigh::{Resolver, Table};
 use super::xdp::{AttachMode, ClientHash, XdpCounters, XdpDataplane, XdpError, XdpOptions};
 use crate::{
     balance::{Algorithm, Candidate, Selector},
-    config::{Algorithm as ConfigAlgorithm, Config, ServiceConfig, XdpAttach},
+    config::{Config, ServiceConfig, XdpAttach},
     state::Service,
 };
 
@@ -336,7 +336,7 @@ impl XdpRuntime {
                 )?;
             }
             let (algorithm, hash) = match service.config.algorithm {
-                ConfigAlgorithm::SourceHash => (Algorithm::SourceHash, ClientHash::Ip),
+                Algorithm::SourceHash => (Algorithm::SourceHash, ClientHash::Ip),
                 _ => (Algorithm::Maglev, ClientHash::IpPort),
             };
             let candidates: Vec<Candidate> = service
@@ -418,34 +418,6 @@ fn alive(backend: &crate::state::Backend) -> bool {
 /// The interface's MAC, from sysfs.
 fn interface_mac(interface: &str) -> std::io::Result<[u8; 6]> {
     let text = std::fs::read_to_string(format!("/sys/class/net/{interface}/address"))?;
-    parse_mac(text.trim()).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, text))
-}
-
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for byte in &mut mac {
-        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mac_addresses() {
-        assert_eq!(
-            parse_mac("aa:bb:cc:dd:ee:ff"),
-            Some([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff])
-        );
-        assert_eq!(
-            parse_mac("02:42:ac:11:00:02"),
-            Some([2, 0x42, 0xac, 0x11, 0, 2])
-        );
-        assert_eq!(parse_mac("aa:bb:cc:dd:ee"), None);
-        assert_eq!(parse_mac("aa:bb:cc:dd:ee:ff:00"), None);
-        assert_eq!(parse_mac("aa:bb:cc:dd:ee:gg"), None);
-    }
+    crate::sys::parse_mac(text.trim())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, text))
 }

@@ -958,12 +958,7 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, XdpError> {
 /// XDP (the driver's own message goes to netlink's extack, which a BPF link does not carry).
 fn refusal(e: &ProgramError) -> String {
     use nix::errno::Errno;
-    let mut text = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        text += &format!(": {c}");
-        cause = c.source();
-    }
+    let text = crate::sys::error_chain(e);
     let hint = [
         (Errno::EOPNOTSUPP, "the driver has no native XDP"),
         (

@@ -1457,12 +1457,7 @@ fn xdp_counts_packets_on_a_veth_and_bpftool_shows_named_fields() {
 /// The MAC of `interface` inside `ns`.
 fn mac_of(ns: &lb_tests::netns::NetNs, interface: &str) -> [u8; 6] {
     let out = ns.exec(&["cat", &format!("/sys/class/net/{interface}/address")]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut mac = [0u8; 6];
-    for (byte, part) in mac.iter_mut().zip(text.trim().split(':')) {
-        *byte = u8::from_str_radix(part, 16).unwrap();
-    }
-    mac
+    crate::sys::parse_mac(String::from_utf8_lossy(&out.stdout).trim()).expect("a MAC")
 }
 
 /// Real TCP connections through the program attached (generic mode) to a veth: a client,
