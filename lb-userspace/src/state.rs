@@ -239,19 +239,33 @@ impl Service {
 
     /// Picks a backend for a new connection from `client`, never one in `exclude`.
     pub fn pick(&self, client: SocketAddr, exclude: &[usize], random: u64) -> Option<usize> {
-        let eligible: Vec<bool> = self.backends.iter().map(|b| b.eligible()).collect();
-        let active: Vec<u64> = self
-            .backends
-            .iter()
-            .map(|b| b.active.load(Relaxed))
-            .collect();
-        self.selector.pick(&PickCtx {
-            client,
-            eligible: &eligible,
-            active: &active,
-            exclude,
-            random,
-        })
+        // The pick sees one snapshot of each backend's state. Up to `STACK` backends the
+        // snapshot lives on the stack: no allocation per connection.
+        const STACK: usize = 64;
+        let n = self.backends.len();
+        let pick = |eligible: &mut [bool], active: &mut [u64]| {
+            for ((b, e), a) in self
+                .backends
+                .iter()
+                .zip(eligible.iter_mut())
+                .zip(active.iter_mut())
+            {
+                *e = b.eligible();
+                *a = b.active.load(Relaxed);
+            }
+            self.selector.pick(&PickCtx {
+                client,
+                eligible,
+                active,
+                exclude,
+                random,
+            })
+        };
+        if n <= STACK {
+            pick(&mut [false; STACK][..n], &mut [0; STACK][..n])
+        } else {
+            pick(&mut vec![false; n], &mut vec![0; n])
+        }
     }
 }
 
@@ -287,5 +301,64 @@ impl Service {
         backend.consecutive_failures.store(0, Relaxed);
         backend.eject(u64::try_from(time.as_millis()).unwrap_or(u64::MAX));
         tracing::warn!(backend = %backend.address, failures, ejected_for = ?time, "backend ejected after consecutive connect failures");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A service of `n` backends (127.0.0.1:10000+i, weight 1) with `algorithm`.
+    fn service(n: usize, algorithm: &str) -> Service {
+        let mut yaml = format!(
+            "services:\n  - name: s\n    listen: 127.0.0.1:9999\n    algorithm: {algorithm}\n    backends:\n"
+        );
+        for i in 0..n {
+            yaml += &format!("      - address: 127.0.0.1:{}\n", 10_000 + i);
+        }
+        let config = crate::config::parse(&yaml, "test.yaml").expect("a valid config");
+        Service::build(config.services[0].clone(), None).expect("a service")
+    }
+
+    /// Both ways the pick takes a snapshot (on the stack up to 64 backends, on the heap
+    /// above): it never returns a backend that is drained, down or excluded, and it spreads
+    /// over the others.
+    #[test]
+    fn a_pick_skips_ineligible_and_excluded_backends_at_any_size() {
+        for n in [1, 3, 64, 65, 200] {
+            for algorithm in ["round_robin", "least_connections", "maglev"] {
+                let s = service(n, algorithm);
+                // Every third backend out: drained, down, or excluded.
+                for (i, b) in s.backends.iter().enumerate() {
+                    match i % 6 {
+                        1 => b.set_drained(true),
+                        4 => {
+                            b.set_health(Health::Down);
+                        }
+                        _ => {}
+                    }
+                }
+                let exclude: Vec<usize> = (0..n).filter(|i| i % 6 == 2).collect();
+                let allowed = |i: usize| !matches!(i % 6, 1 | 2 | 4);
+                let mut seen = std::collections::HashSet::new();
+                for k in 0..(n as u64 * 20) {
+                    let client =
+                        SocketAddr::from(([10, 0, (k >> 8) as u8, k as u8], 40_000 + k as u16));
+                    match s.pick(client, &exclude, k.wrapping_mul(0x9e37_79b9_7f4a_7c15)) {
+                        Some(i) => {
+                            assert!(allowed(i), "{algorithm} n={n}: picked backend {i}");
+                            seen.insert(i);
+                        }
+                        None => assert!((0..n).all(|i| !allowed(i)), "{algorithm} n={n}: no pick"),
+                    }
+                }
+                let usable = (0..n).filter(|&i| allowed(i)).count();
+                assert!(
+                    seen.len() * 2 >= usable,
+                    "{algorithm} n={n}: {} of {usable} usable backends picked",
+                    seen.len()
+                );
+            }
+        }
     }
 }
