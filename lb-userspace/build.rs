@@ -6,11 +6,31 @@
 //! It needs `bpf-linker` (built against LLVM 22) on PATH: `cargo xtask setup` installs it.
 use anyhow::{Context as _, anyhow};
 
-/// The toolchain that rust-toolchain.toml pins.
-const TOOLCHAIN: &str = "1.95.0";
+/// The toolchain to build lb-ebpf with: the one rustup runs this build with
+/// (`RUSTUP_TOOLCHAIN`), else the channel rust-toolchain.toml pins.
+fn toolchain(manifest: &str) -> anyhow::Result<String> {
+    if let Ok(t) = std::env::var("RUSTUP_TOOLCHAIN")
+        && !t.is_empty()
+    {
+        return Ok(t);
+    }
+    let path = std::path::Path::new(manifest).join("../rust-toolchain.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("channel"))
+        .filter_map(|rest| rest.trim().strip_prefix('='))
+        .map(|value| value.trim().trim_matches('"').to_owned())
+        .next()
+        .with_context(|| format!("no channel = \"...\" in {}", path.display()))
+}
 
 fn main() -> anyhow::Result<()> {
     let manifest = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR unset")?;
+    println!("cargo:rerun-if-changed=../rust-toolchain.toml");
+    // aya-build watches lb-ebpf; the types the programs share live in lb-common.
+    println!("cargo:rerun-if-changed=../lb-common");
+    println!("cargo:rerun-if-env-changed=RUSTUP_TOOLCHAIN");
+    let toolchain = toolchain(&manifest)?;
     let ebpf_dir = std::path::Path::new(&manifest).join("../lb-ebpf");
     let ebpf_dir = ebpf_dir
         .canonicalize()
@@ -25,7 +45,7 @@ fn main() -> anyhow::Result<()> {
             root_dir,
             ..Default::default()
         }],
-        aya_build::Toolchain::Custom(TOOLCHAIN),
+        aya_build::Toolchain::Custom(&toolchain),
     )
     .map_err(|e| anyhow!("{e:#}"))
     .context("building lb-ebpf failed: is bpf-linker on PATH? `cargo xtask setup` installs it")
