@@ -168,55 +168,28 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
             to_backend: &backend.bytes_to_backend,
             to_client: &backend.bytes_to_client,
         };
+        let cx = relay::Context {
+            mode: shared.mode,
+            pool: &shared.pool,
+            counters,
+            idle_timeout: config.idle_timeout,
+            force_close: &shared.force_close,
+        };
         let outcome = match &shared.sockmap {
             Some(sockmap) => {
                 let promote = if shared.promote_after == 0 {
                     relay::Step::Promote { up: 0, down: 0 }
                 } else {
-                    let limits = relay::Limits {
-                        idle_timeout: config.idle_timeout,
-                        promote_after: Some(shared.promote_after),
-                    };
-                    relay::relay_until(
-                        &client,
-                        &stream,
-                        shared.mode,
-                        &shared.pool,
-                        counters,
-                        limits,
-                        &shared.force_close,
-                    )
-                    .await
+                    relay::relay_until(&client, &stream, cx, Some(shared.promote_after)).await
                 };
                 match promote {
                     relay::Step::Ended(outcome) => outcome,
                     relay::Step::Promote { up, down } => {
-                        sockmap
-                            .relay(
-                                client,
-                                stream,
-                                (up, down),
-                                &shared.pool,
-                                counters,
-                                config.idle_timeout,
-                                &shared.force_close,
-                            )
-                            .await
+                        sockmap.relay(client, stream, (up, down), cx).await
                     }
                 }
             }
-            None => {
-                relay::relay(
-                    client,
-                    stream,
-                    shared.mode,
-                    &shared.pool,
-                    counters,
-                    config.idle_timeout,
-                    &shared.force_close,
-                )
-                .await
-            }
+            None => relay::relay(client, stream, cx).await,
         };
         match outcome {
             Outcome::Closed => tracing::debug!(backend = %backend.address, "closed"),

@@ -73,33 +73,24 @@ pub struct Counters<'a> {
     pub to_client: &'a AtomicU64,
 }
 
+/// What a relay needs besides its two sockets: how it moves bytes, where it counts them, how
+/// long it may idle, and the daemon's signal to close at once.
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    pub mode: RelayMode,
+    pub pool: &'a PipePool,
+    pub counters: Counters<'a>,
+    pub idle_timeout: Duration,
+    pub force_close: &'a CancellationToken,
+}
+
 /// Relays until both directions end, a side fails, the connection idles out, or `force_close`
 /// fires. Both sockets are closed when this returns (with a reset where one is due).
-pub async fn relay(
-    client: TcpStream,
-    backend: TcpStream,
-    mode: RelayMode,
-    pool: &PipePool,
-    counters: Counters<'_>,
-    idle_timeout: Duration,
-    force_close: &CancellationToken,
-) -> Outcome {
-    let limits = Limits {
-        idle_timeout,
-        promote_after: None,
-    };
-    match relay_until(&client, &backend, mode, pool, counters, limits, force_close).await {
+pub async fn relay(client: TcpStream, backend: TcpStream, cx: Context<'_>) -> Outcome {
+    match relay_until(&client, &backend, cx, None).await {
         Step::Ended(outcome) => outcome,
         Step::Promote { .. } => unreachable!("no promotion without promote_after"),
     }
-}
-
-/// How long a relay may idle, and after how many bytes (both ways) it stops to hand the
-/// connection to the kernel (the sockmap dataplane's `promote_after_bytes`).
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    pub idle_timeout: Duration,
-    pub promote_after: Option<u64>,
 }
 
 /// How [`relay_until`] returned.
@@ -115,23 +106,27 @@ pub enum Step {
     },
 }
 
-/// [`relay`] on borrowed sockets, which may stop early to promote the connection (see
-/// [`Limits`]). On `Step::Ended` a reset is armed where one is due.
+/// [`relay`] on borrowed sockets, which stops early, once `promote_after` bytes have moved
+/// both ways, to hand the connection to the kernel (the sockmap dataplane's
+/// `promote_after_bytes`). On `Step::Ended` a reset is armed where one is due.
 pub async fn relay_until(
     client: &TcpStream,
     backend: &TcpStream,
-    mode: RelayMode,
-    pool: &PipePool,
-    counters: Counters<'_>,
-    limits: Limits,
-    force_close: &CancellationToken,
+    cx: Context<'_>,
+    promote_after: Option<u64>,
 ) -> Step {
-    let idle_timeout = limits.idle_timeout;
+    let Context {
+        mode,
+        pool,
+        counters,
+        idle_timeout,
+        force_close,
+    } = cx;
     let start = Instant::now();
     // Milliseconds since `start` of the last byte moved either way.
     let activity = AtomicU64::new(0);
     let promote = Promotion {
-        after: limits.promote_after.unwrap_or(u64::MAX),
+        after: promote_after.unwrap_or(u64::MAX),
         moved: AtomicU64::new(0),
         asked: AtomicBool::new(false),
         ask: Notify::new(),
@@ -142,7 +137,7 @@ pub async fn relay_until(
         direction(src, dst, mode, pool, bytes, &activity, start, promote)
     };
     // Without a threshold the directions never look at `promote` (no per-step cost).
-    let promoting = limits.promote_after.map(|_| &promote);
+    let promoting = promote_after.map(|_| &promote);
     let up = dir(client, backend, [counters.to_backend, &moved_up], promoting);
     let down = dir(
         backend,

@@ -401,20 +401,25 @@ impl Sockmap {
     /// handed over it is relayed in userspace ([`relay::relay`]), counted in `kept`.
     /// `relayed_before`: the bytes the userspace relay read from the client and from the
     /// backend before the hand-over.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "a connection's whole context, as for relay::relay"
-    )]
     pub async fn relay(
         &self,
         client: TcpStream,
         backend: TcpStream,
         relayed_before: (u64, u64),
-        pool: &PipePool,
-        counters: Counters<'_>,
-        idle_timeout: Duration,
-        force_close: &CancellationToken,
+        cx: relay::Context<'_>,
     ) -> Outcome {
+        let relay::Context {
+            pool,
+            counters,
+            idle_timeout,
+            force_close,
+            ..
+        } = cx;
+        // What cannot be handed over is relayed here, copying small reads and splicing bulk.
+        let fallback = relay::Context {
+            mode: relay::RelayMode::Adaptive,
+            ..cx
+        };
         // What each send queue held before the kernel started to feed it.
         let bases = sys::tcp_bytes_queued(&backend).and_then(|b| {
             let c = sys::tcp_bytes_queued(&client)?;
@@ -442,16 +447,7 @@ impl Sockmap {
                 // Typically a side that has already sent its FIN (a socket in CLOSE_WAIT cannot
                 // enter a sockmap); counted in lb_sockmap_connections_total.
                 tracing::debug!(error = %crate::sys::error_chain(&e), "cannot hand the connection to the kernel; relaying it in userspace");
-                return relay::relay(
-                    client,
-                    backend,
-                    relay::RelayMode::Adaptive,
-                    pool,
-                    counters,
-                    idle_timeout,
-                    force_close,
-                )
-                .await;
+                return relay::relay(client, backend, fallback).await;
             }
         };
         self.handed.fetch_add(1, Relaxed);
@@ -497,16 +493,7 @@ impl Sockmap {
         }
         self.demoted.fetch_add(1, Relaxed);
         tracing::debug!("bulk connection handed back to the splice relay");
-        relay::relay(
-            client,
-            backend,
-            relay::RelayMode::Adaptive,
-            pool,
-            counters,
-            idle_timeout,
-            force_close,
-        )
-        .await
+        relay::relay(client, backend, fallback).await
     }
 
     /// Takes a bulk connection off the kernel path (both directions still open, neither in
@@ -985,15 +972,14 @@ impl Sockmap {
             to_client: &to_client,
         };
         let never = CancellationToken::new();
-        let relay = self.relay(
-            lb_client,
-            lb_backend,
-            (0, 0),
+        let cx = relay::Context {
+            mode: relay::RelayMode::Adaptive,
             pool,
             counters,
-            Duration::from_secs(30),
-            &never,
-        );
+            idle_timeout: Duration::from_secs(30),
+            force_close: &never,
+        };
+        let relay = self.relay(lb_client, lb_backend, (0, 0), cx);
         let (client_r, client_w) = client.split();
         let (backend_r, backend_w) = backend.split();
         let client_side = self_test_side("client", client_first, client_r, client_w, &up, &down);
