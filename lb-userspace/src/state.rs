@@ -59,6 +59,10 @@ pub struct Backend {
     pub ejections: AtomicU64,
     /// Up/down transitions seen by active checks.
     pub health_changes: AtomicU64,
+    /// The active check's results in a row, and the task that runs it: both belong to the
+    /// backend, so a reload that keeps the backend keeps its streak and its check's schedule
+    /// (`health::sync`).
+    pub checks: std::sync::Mutex<crate::health::Checks>,
 }
 
 impl Backend {
@@ -78,6 +82,7 @@ impl Backend {
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU64::new(0),
             health_changes: AtomicU64::new(0),
+            checks: std::sync::Mutex::default(),
         }
     }
 

@@ -727,3 +727,80 @@ fn consecutive_connect_failures_eject_a_backend_within_max_percent_and_it_comes_
         );
     });
 }
+
+/// A reload keeps what the checks have learnt. A backend that starts down (rise 4) has passed
+/// two probes when a reload changes its service (a backend added) and another service (a
+/// weight): it must come up at its fourth probe, counted across the reload, not at the fourth
+/// after it, and its probes must keep their schedule (none early: a restarted check would
+/// start at a random point of a fresh interval). Before checks survived reloads, every reload
+/// restarted every check and reset every streak.
+#[test]
+fn a_reload_keeps_every_unchanged_backends_streak_and_check_schedule() {
+    const RISE_HERE: u32 = 4;
+    let interval = Duration::from_millis(300);
+    let probes: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let seen = Arc::clone(&probes);
+    let checked = Backend::spawn(move |_probe| seen.lock().unwrap().push(Instant::now()));
+    let (other, added) = (Backend::echo(), Backend::echo());
+    let first = LbConfig::new(
+        "proxy",
+        vec![
+            ServiceSpec::new("checked", &[checked.addr()]),
+            ServiceSpec::new("other", &[other.addr()]),
+        ],
+    );
+    let check = format!(
+        "kind: tcp\ninterval: {}ms\ntimeout: 200ms\nrise: {RISE_HERE}\nfall: 1\njitter_percent: 0\ninitial_state: down\n",
+        interval.as_millis()
+    );
+    let edit = |weight: u32| {
+        let check = check.clone();
+        move |doc: &mut serde_yaml::Value| {
+            set(doc, "checked", "health_check", &check);
+            set(doc, "other", "health_check", &check);
+            set_weights(doc, "other", &[weight]);
+        }
+    };
+    let lb = AdminLb::start(&first, edit(1));
+    let probes_now = || probes.lock().unwrap().len();
+    assert!(
+        wait_until(Duration::from_secs(5), || probes_now() >= 2),
+        "the checked backend saw {} probes in 5 s",
+        probes_now()
+    );
+    assert_eq!(
+        probes_now(),
+        2,
+        "a third probe came before the reload could be sent"
+    );
+    assert_eq!(lb.status().state("checked", checked.addr()), "down");
+
+    // The same listen addresses; one backend more in "checked", another weight in "other".
+    let mut second = lb.config.clone();
+    second.services[0].backends.push(added.addr());
+    lb.write_config(&lb.render(&second, edit(5)));
+    let r = lb.post("/reload", None);
+    assert_eq!(r.status, 200, "reload: {}", r.text());
+
+    let up = lb.wait_status(Duration::from_secs(5), |s| {
+        s.state("checked", checked.addr()) == "up"
+    });
+    let at = probes_now();
+    up.unwrap_or_else(|s| panic!("the checked backend never came up: {}", s.0));
+    assert!(
+        at <= RISE_HERE as usize + 1,
+        "the checked backend came up after {at} probes; {RISE_HERE} in a row, counted across the \
+         reload, should do (a reset streak needs {} or more)",
+        2 + RISE_HERE
+    );
+    let times = probes.lock().unwrap().clone();
+    for (i, pair) in times.windows(2).enumerate() {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= interval.mul_f64(0.8),
+            "probes {} and {} came {gap:?} apart, interval {interval:?}: the check was restarted",
+            i + 1,
+            i + 2
+        );
+    }
+}

@@ -327,13 +327,16 @@ impl Daemon {
         let name = config.name.clone();
         let max = config.max_connections.get() as usize;
         let built = Arc::new(built);
-        let stop_checks = CancellationToken::new();
-        crate::health::spawn(&built, &self.tasks, &stop_checks);
+        // The service's checks: a backend the reload kept keeps its running check (schedule
+        // and streak) unless its check changed.
+        let previous = running.get(&name).map(|r| r.state.load_full());
+        let stop_checks = running
+            .get(&name)
+            .map_or_else(CancellationToken::new, |r| r.stop_checks.clone());
+        crate::health::sync(&built, previous.as_deref(), &self.tasks, &stop_checks);
         match running.get_mut(&name) {
             Some(r) => {
                 r.state.store(Arc::clone(&built));
-                r.stop_checks.cancel();
-                r.stop_checks = stop_checks;
                 if max > r.max_connections {
                     r.slots.add_permits(max - r.max_connections);
                 } else {

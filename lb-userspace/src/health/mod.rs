@@ -23,12 +23,87 @@ use crate::{
     state::{Backend, Health, Service},
 };
 
-/// Starts the checks of every backend of `service` that has one; they stop with `stop`.
-pub fn spawn(service: &Service, tasks: &TaskTracker, stop: &CancellationToken) {
+/// One backend's active checking: its results in a row, and the task that runs its check.
+#[derive(Debug, Default)]
+pub struct Checks {
+    pub streak: Streak,
+    running: Option<RunningCheck>,
+}
+
+#[derive(Debug)]
+struct RunningCheck {
+    config: HealthCheckConfig,
+    stop: CancellationToken,
+}
+
+/// Probe results in a row (counted on consecutive outcomes, not cumulatively), and what they
+/// decide: a pure state machine, fed one result at a time.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Streak {
+    pub successes: u32,
+    pub failures: u32,
+}
+
+impl Streak {
+    /// Counts one result; returns the state the backend must be in once a threshold is reached
+    /// (`rise` successes in a row: up, and out of any passive ejection; `fall` failures in a
+    /// row: down), or `None` while the streak is short of both.
+    pub fn observe(&mut self, ok: bool, rise: u32, fall: u32) -> Option<Health> {
+        if ok {
+            self.successes = self.successes.saturating_add(1);
+            self.failures = 0;
+            (self.successes >= rise).then_some(Health::Up)
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            self.successes = 0;
+            (self.failures >= fall).then_some(Health::Down)
+        }
+    }
+}
+
+/// Makes the running checks match `service`: a backend whose check is unchanged keeps its
+/// task (its schedule and streak go on); a new or changed check starts; a backend that lost
+/// its check, or left the service (in `previous`, not in `service`), stops checking. Every
+/// task is a child of `stop`, the service's token, which stops them all.
+pub fn sync(
+    service: &Service,
+    previous: Option<&Service>,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) {
     for (backend, config) in service.backends.iter().zip(&service.config.backends) {
-        if let Some(check) = service.config.health_check_for(config) {
+        let want = service.config.health_check_for(config);
+        let mut checks = backend.checks.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(run), Some(want)) = (&checks.running, &want)
+            && run.config == *want
+            && !run.stop.is_cancelled()
+        {
+            continue;
+        }
+        if let Some(old) = checks.running.take() {
+            old.stop.cancel();
+        }
+        if let Some(check) = want {
+            let token = stop.child_token();
             let name = service.config.name.clone();
-            tasks.spawn(check_loop(name, Arc::clone(backend), check, stop.clone()));
+            tasks.spawn(check_loop(
+                name,
+                Arc::clone(backend),
+                check.clone(),
+                token.clone(),
+            ));
+            checks.running = Some(RunningCheck {
+                config: check,
+                stop: token,
+            });
+        }
+    }
+    for old in previous.iter().flat_map(|p| p.backends.iter()) {
+        if !service.backends.iter().any(|b| Arc::ptr_eq(b, old)) {
+            let mut checks = old.checks.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(run) = checks.running.take() {
+                run.stop.cancel();
+            }
         }
     }
 }
@@ -41,7 +116,6 @@ async fn check_loop(
     stop: CancellationToken,
 ) {
     let target = check.target(backend.address);
-    let (mut successes, mut failures) = (0u32, 0u32);
     // Start at a random point of the first interval so backends are not probed in lockstep.
     let mut wait = check.interval.mul_f64(fastrand::f64());
     loop {
@@ -60,33 +134,38 @@ async fn check_loop(
             Ok(Ok(())) => Ok(()),
             Err(_) => Err(format!("no answer within {:?}", check.timeout)),
         };
-        match result {
-            Ok(()) => {
-                successes = successes.saturating_add(1);
-                failures = 0;
-                if successes >= check.rise.get() {
-                    if backend.health() == Health::Down {
-                        backend.set_health(Health::Up);
-                        backend.health_changes.fetch_add(1, Relaxed);
-                        tracing::info!(service, backend = %backend.address, successes, "backend up: health checks pass");
-                    }
-                    if backend.ejected() {
-                        backend.uneject();
-                        tracing::info!(service, backend = %backend.address, "ejection ended: health checks pass");
-                    }
-                }
-            }
-            Err(why) => {
-                failures = failures.saturating_add(1);
-                successes = 0;
-                if failures >= check.fall.get() && backend.health() == Health::Up {
-                    backend.set_health(Health::Down);
+        if stop.is_cancelled() {
+            // Replaced while probing (a reload changed the check): the new task counts.
+            return;
+        }
+        let (verdict, streak) = {
+            let mut checks = backend.checks.lock().unwrap_or_else(|e| e.into_inner());
+            let verdict = checks
+                .streak
+                .observe(result.is_ok(), check.rise.get(), check.fall.get());
+            (verdict, checks.streak)
+        };
+        match (verdict, result) {
+            (Some(Health::Up), _) => {
+                if backend.health() == Health::Down {
+                    backend.set_health(Health::Up);
                     backend.health_changes.fetch_add(1, Relaxed);
-                    tracing::warn!(service, backend = %backend.address, failures, reason = %why, "backend down: health checks fail");
-                } else {
-                    tracing::debug!(service, backend = %backend.address, failures, reason = %why, "health check failed");
+                    tracing::info!(service, backend = %backend.address, successes = streak.successes, "backend up: health checks pass");
+                }
+                if backend.ejected() {
+                    backend.uneject();
+                    tracing::info!(service, backend = %backend.address, "ejection ended: health checks pass");
                 }
             }
+            (Some(Health::Down), Err(why)) if backend.health() == Health::Up => {
+                backend.set_health(Health::Down);
+                backend.health_changes.fetch_add(1, Relaxed);
+                tracing::warn!(service, backend = %backend.address, failures = streak.failures, reason = %why, "backend down: health checks fail");
+            }
+            (_, Err(why)) => {
+                tracing::debug!(service, backend = %backend.address, failures = streak.failures, reason = %why, "health check failed");
+            }
+            _ => {}
         }
     }
 }
@@ -219,6 +298,46 @@ fn parse_status(head: &[u8]) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each transition of the streak machine, with rise 3 and fall 2.
+    #[test]
+    fn a_streak_decides_only_on_results_in_a_row() {
+        let (rise, fall) = (3, 2);
+        let mut s = Streak::default();
+        // Successes below rise decide nothing; the rise-th says up, and so does every later one.
+        assert_eq!(s.observe(true, rise, fall), None);
+        assert_eq!(s.observe(true, rise, fall), None);
+        assert_eq!(s.observe(true, rise, fall), Some(Health::Up));
+        assert_eq!(s.observe(true, rise, fall), Some(Health::Up));
+        // One failure resets the successes; fall failures in a row say down.
+        assert_eq!(s.observe(false, rise, fall), None);
+        assert_eq!(
+            s,
+            Streak {
+                successes: 0,
+                failures: 1
+            }
+        );
+        assert_eq!(s.observe(false, rise, fall), Some(Health::Down));
+        assert_eq!(s.observe(false, rise, fall), Some(Health::Down));
+        // Alternating results never reach either threshold.
+        let mut s = Streak::default();
+        for _ in 0..10 {
+            assert_eq!(s.observe(true, rise, fall), None);
+            assert_eq!(s.observe(false, rise, fall), None);
+        }
+        // rise 1 / fall 1: every result decides.
+        let mut s = Streak::default();
+        assert_eq!(s.observe(false, 1, 1), Some(Health::Down));
+        assert_eq!(s.observe(true, 1, 1), Some(Health::Up));
+        // Counts saturate instead of wrapping.
+        let mut s = Streak {
+            successes: u32::MAX,
+            failures: 0,
+        };
+        assert_eq!(s.observe(true, rise, fall), Some(Health::Up));
+        assert_eq!(s.successes, u32::MAX);
+    }
 
     #[test]
     fn status_lines() {
