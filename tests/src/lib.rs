@@ -44,47 +44,72 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
-/// The dataplanes every end-to-end case runs against, by their `dataplane.mode` spelling.
+/// The dataplanes every end-to-end case of [`per_dataplane!`] runs on, each as its own test.
+pub const DATAPLANES: [&str; 2] = ["proxy", "sockmap"];
+
+/// One end-to-end case as one named test per dataplane of [`DATAPLANES`]: `NAME::proxy` and
+/// `NAME::sockmap`, so a failure names its dataplane and `cargo test ::proxy` picks one.
 ///
-/// By default: proxy, and sockmap when the tests may load eBPF (root; see [`privileged`]).
-/// `LB_TEST_DATAPLANES=proxy,sockmap` narrows (or widens) the list for one run.
-pub fn dataplanes() -> Vec<&'static str> {
-    let all: &[&str] = if privileged("the sockmap runs of the end-to-end suite") {
-        &["proxy", "sockmap"]
-    } else {
-        &["proxy"]
+/// ```ignore
+/// per_dataplane! {
+///     /// What the case shows.
+///     fn a_case(dataplane) {
+///         let lb = Lb::start(&LbConfig::new(dataplane, ...));
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! per_dataplane {
+    ($(#[$meta:meta])* fn $name:ident($dataplane:ident) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn case($dataplane: &'static str) $body
+
+            #[test]
+            fn proxy() {
+                $crate::run_on("proxy", concat!(stringify!($name), "::proxy"), case);
+            }
+
+            #[test]
+            fn sockmap() {
+                $crate::run_on("sockmap", concat!(stringify!($name), "::sockmap"), case);
+            }
+        }
     };
-    const KNOWN: &[&str] = &["proxy", "sockmap", "xdp"];
-    match std::env::var("LB_TEST_DATAPLANES") {
-        Ok(list) if !list.trim().is_empty() => list
-            .split(',')
-            .map(str::trim)
-            .map(|name| {
-                *KNOWN
-                    .iter()
-                    .find(|known| **known == name)
-                    .unwrap_or_else(|| {
-                        panic!("LB_TEST_DATAPLANES: unknown dataplane {name:?}; known: {KNOWN:?}")
-                    })
-            })
-            .collect(),
-        _ => all.to_vec(),
+}
+
+/// Runs `case` on `dataplane` for the test `test`: sockmap needs root (see [`privileged`]), and
+/// `LB_TEST_DATAPLANES=proxy,sockmap` (when set) lists the dataplanes a run covers. When the
+/// case panics, the panic output is followed by the dataplane it failed on.
+pub fn run_on(dataplane: &'static str, test: &str, case: fn(&'static str)) {
+    if let Ok(list) = std::env::var("LB_TEST_DATAPLANES")
+        && !list.trim().is_empty()
+    {
+        for name in list.split(',').map(str::trim) {
+            assert!(
+                DATAPLANES.contains(&name),
+                "LB_TEST_DATAPLANES: unknown dataplane {name:?}; known: {DATAPLANES:?}"
+            );
+        }
+        if !list.split(',').map(str::trim).any(|name| name == dataplane) {
+            eprintln!("SKIP {test}: LB_TEST_DATAPLANES={list}");
+            return;
+        }
     }
+    if dataplane != "proxy" && !privileged(test) {
+        return;
+    }
+    let _context = PanicContext(format!("(this failure is with dataplane `{dataplane}`)"));
+    case(dataplane);
 }
 
 /// Whether lb itself holds both sockets of each connection with `dataplane` (proxy, sockmap),
 /// rather than forwarding packets (xdp): what fd and socket counts of lb can show.
 pub fn terminates_tcp(dataplane: &str) -> bool {
     dataplane != "xdp"
-}
-
-/// Runs `case` once per dataplane in [`dataplanes`]. When a run panics, the panic output is
-/// followed by the dataplane it failed on.
-pub fn for_each_dataplane(mut case: impl FnMut(&'static str)) {
-    for dataplane in dataplanes() {
-        let _context = PanicContext(format!("(this failure is with dataplane `{dataplane}`)"));
-        case(dataplane);
-    }
 }
 
 /// Prints its message if dropped while the thread panics: context for a failure message.

@@ -14,10 +14,9 @@ use std::{
 use lb_tests::{
     admin::{self, AdminLb, Status, set, set_weights},
     backend::Backend,
-    for_each_dataplane,
     lb::{self, LbConfig, ServiceSpec, TempDir, free_addr},
     load::Load,
-    privileged,
+    per_dataplane, privileged,
     stream::{
         End, Rng, connect, drain_until_end, echo_round_trip, read_to_eof, try_connect, wait_until,
     },
@@ -114,9 +113,8 @@ fn metrics_sent(m: &admin::Metrics, service: &str, backend: SocketAddr) -> (Sent
     )
 }
 
-#[test]
-fn metrics_scrape_matches_the_traffic_sent() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn metrics_scrape_matches_the_traffic_sent(dataplane) {
         let web = [Backend::echo(), Backend::echo(), Backend::echo()];
         let web_refs: Vec<&Backend> = web.iter().collect();
         let web_addrs: Vec<SocketAddr> = web.iter().map(Backend::addr).collect();
@@ -254,7 +252,7 @@ fn metrics_scrape_matches_the_traffic_sent() {
         // The reload kept the counters of unchanged backends.
         let (after, _) = metrics_sent(&lb.metrics(), "web", web_addrs[0]);
         assert_eq!(after.connections, sent[0].connections);
-    });
+    }
 }
 
 /// A line of `lb status` output naming `address`, split on whitespace.
@@ -267,9 +265,8 @@ fn table_row<'a>(table: &'a str, address: &str) -> Vec<&'a str> {
         .collect()
 }
 
-#[test]
-fn status_json_and_lb_status_match_the_traffic_sent() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn status_json_and_lb_status_match_the_traffic_sent(dataplane) {
         let web = [Backend::echo(), Backend::echo()];
         let refs: Vec<&Backend> = web.iter().collect();
         let addrs: Vec<SocketAddr> = web.iter().map(Backend::addr).collect();
@@ -347,7 +344,7 @@ fn status_json_and_lb_status_match_the_traffic_sent() {
         );
         assert!(!out.status.success(), "lb status against nothing succeeded");
         drop(held);
-    });
+    }
 }
 
 /// The reload test's model of the config: which pool backends `web` lists, with weights, and
@@ -385,9 +382,8 @@ impl Model {
     }
 }
 
-#[test]
-fn fifty_reloads_under_load_lose_no_connection_and_are_counted() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn fifty_reloads_under_load_lose_no_connection_and_are_counted(dataplane) {
         let pool_backends: Vec<Backend> = (0..5).map(|_| Backend::echo()).collect();
         let pool: Vec<SocketAddr> = pool_backends.iter().map(Backend::addr).collect();
         let mut model = Model {
@@ -575,12 +571,11 @@ fn fifty_reloads_under_load_lose_no_connection_and_are_counted() {
         );
         assert!(lb.stderr().contains("reload failed"));
         drop(taken);
-    });
+    }
 }
 
-#[test]
-fn post_endpoints_need_the_token_and_reads_do_not() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn post_endpoints_need_the_token_and_reads_do_not(dataplane) {
         let backend = Backend::echo();
         let dir = TempDir::new();
         let token_file = dir.path.join("admin.token");
@@ -646,7 +641,7 @@ fn post_endpoints_need_the_token_and_reads_do_not() {
             let r = admin::get(lb.admin, path).unwrap();
             assert_eq!(r.status, 200, "GET {path} without a token: {}", r.text());
         }
-    });
+    }
 }
 
 /// lb still serves: it has not exited, /status answers, a connection is relayed.
@@ -658,9 +653,8 @@ fn assert_alive(lb: &mut AdminLb, after: &str) {
     exchange(lb.addr(), 64, 7);
 }
 
-#[test]
-fn an_oversized_body_gets_413_changes_nothing_and_lb_keeps_running() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn an_oversized_body_gets_413_changes_nothing_and_lb_keeps_running(dataplane) {
         let backend = Backend::echo();
         let mut lb = AdminLb::start(
             &LbConfig::new(dataplane, vec![ServiceSpec::new("web", &[backend.addr()])]),
@@ -696,12 +690,11 @@ fn an_oversized_body_gets_413_changes_nothing_and_lb_keeps_running() {
         );
         assert_eq!(lb.reloads(), (0, 0), "the oversized request reloaded");
         assert_alive(&mut lb, "an oversized body");
-    });
+    }
 }
 
-#[test]
-fn garbage_admin_requests_get_4xx_or_closed_and_lb_keeps_running() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn garbage_admin_requests_get_4xx_or_closed_and_lb_keeps_running(dataplane) {
         let backend = Backend::echo();
         let mut lb = AdminLb::start(
             &LbConfig::new(dataplane, vec![ServiceSpec::new("web", &[backend.addr()])]),
@@ -742,7 +735,7 @@ fn garbage_admin_requests_get_4xx_or_closed_and_lb_keeps_running() {
             assert_alive(&mut lb, what);
         }
         assert_eq!(lb.reloads(), (0, 0));
-    });
+    }
 }
 
 /// The `Name:\tvalue` fields of a /proc status file.
@@ -804,14 +797,9 @@ fn free_low_port() -> Option<SocketAddr> {
         .find(|a| TcpListener::bind(a).is_ok() && !lb::tcp_listening(*a))
 }
 
-#[test]
-fn after_start_up_lb_keeps_only_net_bind_service() {
-    if !privileged("after_start_up_lb_keeps_only_net_bind_service") {
-        return;
-    }
-    for_each_dataplane(|dataplane| {
-        if dataplane != "proxy" {
-            eprintln!("SKIP {dataplane}: the capabilities it keeps are not documented yet");
+per_dataplane! {
+    fn after_start_up_lb_keeps_only_net_bind_service(dataplane) {
+        if !privileged("after_start_up_lb_keeps_only_net_bind_service") {
             return;
         }
         let backend = Backend::echo();
@@ -827,17 +815,12 @@ fn after_start_up_lb_keeps_only_net_bind_service() {
             s["Uid"]
         );
         exchange(lb.addr(), 100, 1);
-    });
+    }
 }
 
-#[test]
-fn run_as_nobody_switches_user_and_still_reloads_onto_a_low_port() {
-    if !privileged("run_as_nobody_switches_user_and_still_reloads_onto_a_low_port") {
-        return;
-    }
-    for_each_dataplane(|dataplane| {
-        if dataplane != "proxy" {
-            eprintln!("SKIP {dataplane}: the capabilities it keeps are not documented yet");
+per_dataplane! {
+    fn run_as_nobody_switches_user_and_still_reloads_onto_a_low_port(dataplane) {
+        if !privileged("run_as_nobody_switches_user_and_still_reloads_onto_a_low_port") {
             return;
         }
         let nobody = nix::unistd::User::from_name("nobody")
@@ -886,5 +869,5 @@ fn run_as_nobody_switches_user_and_still_reloads_onto_a_low_port() {
             r.text()
         );
         exchange(low, 100, 3);
-    });
+    }
 }

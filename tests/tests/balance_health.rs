@@ -16,9 +16,9 @@ use std::{
 use lb_tests::{
     admin::{AdminLb, set, set_weights},
     backend::Backend,
-    for_each_dataplane,
     lb::{LbConfig, ServiceSpec, free_addr, free_port},
     load::Load,
+    per_dataplane,
     stream::{connect, connect_bound, connect_from, echo_round_trip, read_to_eof, wait_until},
 };
 use nix::sys::signal::Signal;
@@ -152,34 +152,31 @@ fn assert_within_3_points(algorithm: &str, counts: &[usize], pct: [f64; 3]) {
     }
 }
 
-#[test]
-fn weighted_round_robin_shares_are_exactly_the_weights() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn weighted_round_robin_shares_are_exactly_the_weights(dataplane) {
         let (counts, _) = weighted_shares(dataplane, "weighted_round_robin");
         assert_eq!(
             counts,
             vec![1800, 600, 600],
             "weighted_round_robin over weights 3:1:1, 3000 connections"
         );
-    });
+    }
 }
 
-#[test]
-fn random_shares_follow_the_weights_within_3_points() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn random_shares_follow_the_weights_within_3_points(dataplane) {
         let (counts, pct) = weighted_shares(dataplane, "random");
         assert_within_3_points("random", &counts, pct);
-    });
+    }
 }
 
-#[test]
-fn least_connections_sequential_shares_follow_the_weights_within_3_points() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn least_connections_sequential_shares_follow_the_weights_within_3_points(dataplane) {
         // One connection at a time: every backend has 0 active connections at each pick, so
         // the weights alone must decide.
         let (counts, pct) = weighted_shares(dataplane, "least_connections");
         assert_within_3_points("least_connections", &counts, pct);
-    });
+    }
 }
 
 /// An echo backend on `addr` that also counts the connections that carried data (health probes
@@ -221,9 +218,8 @@ fn restart_at(addr: SocketAddr, with_data: &Arc<AtomicUsize>) -> Backend {
     }
 }
 
-#[test]
-fn a_killed_backend_is_marked_down_in_time_with_no_failed_client_and_comes_back() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn a_killed_backend_is_marked_down_in_time_with_no_failed_client_and_comes_back(dataplane) {
         let (a, b) = (Backend::echo(), Backend::echo());
         // Below the ephemeral range: no outgoing connection takes the port while it is closed.
         let victim_addr = free_addr();
@@ -344,7 +340,7 @@ fn a_killed_backend_is_marked_down_in_time_with_no_failed_client_and_comes_back(
             report.errors
         );
         drop(restarted);
-    });
+    }
 }
 
 /// A backend answering each connection's first line (or the probe's request head) with
@@ -432,9 +428,8 @@ fn good_stays_up_bad_goes_down(
     lb
 }
 
-#[test]
-fn a_send_expect_probe_answered_wrongly_marks_the_backend_down() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn a_send_expect_probe_answered_wrongly_marks_the_backend_down(dataplane) {
         let (good_seen, bad_seen) = (Arc::default(), Arc::default());
         let good = line_responder("+PONG\r\n", Arc::clone(&good_seen));
         let bad = line_responder("-ERR wrong answer\r\n", Arc::clone(&bad_seen));
@@ -463,12 +458,11 @@ fn a_send_expect_probe_answered_wrongly_marks_the_backend_down() {
         let s = lb.status();
         assert_eq!(s.number("probed", bad.addr(), "connections_total"), 0);
         assert_eq!(s.number("probed", good.addr(), "connections_total"), 10);
-    });
+    }
 }
 
-#[test]
-fn an_http_probe_getting_500_marks_down_and_200_keeps_up() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn an_http_probe_getting_500_marks_down_and_200_keeps_up(dataplane) {
         let (ok_seen, err_seen) = (Arc::default(), Arc::default());
         let ok = line_responder(
             "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
@@ -492,12 +486,11 @@ fn an_http_probe_getting_500_marks_down_and_200_keeps_up() {
                 "the http probe sent {seen:?}, want GET /healthz"
             );
         }
-    });
+    }
 }
 
-#[test]
-fn source_hash_keeps_each_client_ip_on_one_backend() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn source_hash_keeps_each_client_ip_on_one_backend(dataplane) {
         let backends = [Backend::echo(), Backend::echo(), Backend::echo()];
         let refs: Vec<&Backend> = backends.iter().collect();
         let addrs: Vec<SocketAddr> = backends.iter().map(Backend::addr).collect();
@@ -535,12 +528,11 @@ fn source_hash_keeps_each_client_ip_on_one_backend() {
             b"again",
         );
         assert_eq!(landed_on(&refs, &before), chosen[0]);
-    });
+    }
 }
 
-#[test]
-fn maglev_instances_agree_whatever_the_backend_order() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn maglev_instances_agree_whatever_the_backend_order(dataplane) {
         let backends: Vec<Backend> = (0..5).map(|_| Backend::echo()).collect();
         let refs: Vec<&Backend> = backends.iter().collect();
         let addrs: Vec<SocketAddr> = backends.iter().map(Backend::addr).collect();
@@ -591,7 +583,7 @@ fn maglev_instances_agree_whatever_the_backend_order() {
                 addrs[via[0]], addrs[via[1]]
             );
         }
-    });
+    }
 }
 
 /// Opens a connection and keeps it open: returns it and the backend it landed on.
@@ -602,9 +594,8 @@ fn hold_one(lb: &AdminLb, backends: &[&Backend]) -> (TcpStream, usize) {
     (held, landed_on(backends, &before))
 }
 
-#[test]
-fn weight_0_and_drain_stop_new_connections_but_not_open_ones() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn weight_0_and_drain_stop_new_connections_but_not_open_ones(dataplane) {
         let backends = [Backend::echo(), Backend::echo(), Backend::echo()];
         let refs: Vec<&Backend> = backends.iter().collect();
         let addrs: Vec<SocketAddr> = backends.iter().map(Backend::addr).collect();
@@ -664,12 +655,11 @@ fn weight_0_and_drain_stop_new_connections_but_not_open_ones() {
         );
 
         one_exchange(held, b"the end");
-    });
+    }
 }
 
-#[test]
-fn consecutive_connect_failures_eject_a_backend_within_max_percent_and_it_comes_back() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn consecutive_connect_failures_eject_a_backend_within_max_percent_and_it_comes_back(dataplane) {
         if !lb_tests::terminates_tcp(dataplane) {
             return;
         }
@@ -725,7 +715,7 @@ fn consecutive_connect_failures_eject_a_backend_within_max_percent_and_it_comes_
             lb.status().number("eject", flaky_addr, "connections_total") > before,
             "the backend takes traffic again"
         );
-    });
+    }
 }
 
 /// A reload keeps what the checks have learnt. A backend that starts down (rise 4) has passed

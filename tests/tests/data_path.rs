@@ -10,8 +10,8 @@ use std::{
 
 use lb_tests::{
     backend::Backend,
-    for_each_dataplane,
     lb::{LbConfig, ServiceSpec},
+    per_dataplane,
     stream::{
         Pattern, Rng, StreamHasher, connect, half_close, raise_nofile_limit, read_exactly,
         read_to_eof, wait_until,
@@ -33,9 +33,8 @@ fn bulk_len() -> u64 {
     mib << 20
 }
 
-#[test]
-fn bulk_transfer_both_ways_at_once_is_sha256_exact() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn bulk_transfer_both_ways_at_once_is_sha256_exact(dataplane) {
         let len = bulk_len();
         let (report, reports) = mpsc::channel();
         let backend = Backend::sink_source(len, DOWN_SEED, UP_SEED, report);
@@ -100,12 +99,11 @@ fn bulk_transfer_both_ways_at_once_is_sha256_exact() {
             "2 x {} MiB took {elapsed:?}",
             len >> 20
         );
-    });
+    }
 }
 
-#[test]
-fn a_thousand_sequential_half_close_exchanges_are_exact() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn a_thousand_sequential_half_close_exchanges_are_exact(dataplane) {
         let backend = Backend::reverse_after_eof();
         let lb = LbConfig::new(
             dataplane,
@@ -141,14 +139,13 @@ fn a_thousand_sequential_half_close_exchanges_are_exact() {
             1000,
             "one backend connection per exchange"
         );
-    });
+    }
 }
 
-#[test]
-fn a_backend_half_close_leaves_the_client_direction_flowing() {
-    const GREETING: usize = 100 * 1024;
-    const UPLOAD: u64 = 4 << 20;
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn a_backend_half_close_leaves_the_client_direction_flowing(dataplane) {
+        const GREETING: usize = 100 * 1024;
+        const UPLOAD: u64 = 4 << 20;
         // The backend sends a greeting and half-closes first, then reads the client's upload to
         // EOF and reports it.
         let (report, reports) = mpsc::channel();
@@ -193,14 +190,13 @@ fn a_backend_half_close_leaves_the_client_direction_flowing() {
         assert_eq!(got.sha256, hasher.finish());
         let rest = read_to_eof(&mut client, 0).expect("still EOF");
         assert!(rest.is_empty());
-    });
+    }
 }
 
-#[test]
-fn two_thousand_concurrent_connections_each_echo() {
-    const N: usize = 2000;
-    raise_nofile_limit();
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn two_thousand_concurrent_connections_each_echo(dataplane) {
+        const N: usize = 2000;
+        raise_nofile_limit();
         let backend = Backend::echo();
         let lb =
             LbConfig::new(dataplane, vec![ServiceSpec::new("many", &[backend.addr()])]).start();
@@ -258,5 +254,5 @@ fn two_thousand_concurrent_connections_each_echo() {
             "took {:?}",
             started.elapsed()
         );
-    });
+    }
 }

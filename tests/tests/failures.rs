@@ -9,17 +9,16 @@ use std::{
 
 use lb_tests::{
     backend::{Backend, KillableBackend},
-    for_each_dataplane,
     lb::{LbConfig, ServiceSpec, free_addr},
+    per_dataplane,
     stream::{
         End, connect, drain_until_end, echo_round_trip, read_exactly, reset_on_close, try_connect,
         wait_until,
     },
 };
 
-#[test]
-fn a_backend_reset_mid_stream_reaches_the_client_as_a_reset() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn a_backend_reset_mid_stream_reaches_the_client_as_a_reset(dataplane) {
         // The backend reads 2 bytes, sends 1 MiB, then resets.
         let backend = Backend::reset_mid_stream(2, 1 << 20, Duration::from_millis(100));
         let lb = LbConfig::new(dataplane, vec![ServiceSpec::new("rst", &[backend.addr()])]).start();
@@ -39,12 +38,11 @@ fn a_backend_reset_mid_stream_reaches_the_client_as_a_reset() {
             );
             assert!(started.elapsed() < Duration::from_secs(5));
         }
-    });
+    }
 }
 
-#[test]
-fn a_backend_reset_while_the_client_sends_reaches_the_client_as_a_reset() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn a_backend_reset_while_the_client_sends_reaches_the_client_as_a_reset(dataplane) {
         // The backend reads 2 bytes and resets at once, while the client keeps sending.
         let backend = Backend::reset_mid_stream(2, 0, Duration::ZERO);
         let lb = LbConfig::new(dataplane, vec![ServiceSpec::new("rst", &[backend.addr()])]).start();
@@ -57,7 +55,7 @@ fn a_backend_reset_while_the_client_sends_reaches_the_client_as_a_reset() {
                 "round {round}: the client saw {first:?} first, want a reset"
             );
         }
-    });
+    }
 }
 
 /// Sends without pause and reads what comes, from one thread on a non-blocking socket, until
@@ -90,9 +88,8 @@ fn first_end_while_sending(client: &std::net::TcpStream, timeout: Duration) -> E
     End::Timeout
 }
 
-#[test]
-fn a_client_reset_reaches_the_backend_as_a_reset() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn a_client_reset_reaches_the_backend_as_a_reset(dataplane) {
         let (report, ends) = mpsc::channel();
         let backend = Backend::report_end(report);
         let lb = LbConfig::new(dataplane, vec![ServiceSpec::new("rst", &[backend.addr()])]).start();
@@ -108,12 +105,11 @@ fn a_client_reset_reaches_the_backend_as_a_reset() {
             .recv_timeout(Duration::from_secs(10))
             .expect("the backend reports how its stream ended");
         assert_eq!(end, End::Reset, "the backend saw {end:?}, want a reset");
-    });
+    }
 }
 
-#[test]
-fn a_killed_backend_ends_the_client_stream_and_leaks_no_fd() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn a_killed_backend_ends_the_client_stream_and_leaks_no_fd(dataplane) {
         let mut process = KillableBackend::spawn();
         let mut thread_backend = None;
         let backend_addr = match &process {
@@ -166,12 +162,11 @@ fn a_killed_backend_ends_the_client_stream_and_leaks_no_fd() {
             lb.socket_count(),
             lb.fds()
         );
-    });
+    }
 }
 
-#[test]
-fn refused_backends_are_retried_and_every_client_is_served() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn refused_backends_are_retried_and_every_client_is_served(dataplane) {
         let good = Backend::echo();
         // Nothing listens on these: connects are refused.
         let (refused_a, refused_b) = (free_addr(), free_addr());
@@ -193,12 +188,11 @@ fn refused_backends_are_retried_and_every_client_is_served() {
             "200 clients took {:?}",
             started.elapsed()
         );
-    });
+    }
 }
 
-#[test]
-fn no_reachable_backend_resets_the_client_and_lb_keeps_serving() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn no_reachable_backend_resets_the_client_and_lb_keeps_serving(dataplane) {
         let lb = LbConfig::new(
             dataplane,
             vec![ServiceSpec::new("none", &[free_addr(), free_addr()]).retries(2)],
@@ -217,5 +211,5 @@ fn no_reachable_backend_resets_the_client_and_lb_keeps_serving() {
                 "round {round}: with no backend reachable the client saw {end:?}"
             );
         }
-    });
+    }
 }

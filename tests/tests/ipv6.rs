@@ -11,8 +11,8 @@ use std::{
 
 use lb_tests::{
     backend::read_proxy_header,
-    for_each_dataplane,
     lb::{LbConfig, ServiceSpec},
+    per_dataplane,
 };
 
 /// An echo backend on [::1] that first reads a PROXY header when `proxy` is set and answers
@@ -46,9 +46,8 @@ fn free_v6() -> SocketAddr {
     TcpListener::bind("[::1]:0").unwrap().local_addr().unwrap()
 }
 
-#[test]
-fn ipv6_listen_and_backend_carry_exact_bytes() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn ipv6_listen_and_backend_carry_exact_bytes(dataplane) {
         let backend = v6_backend(false);
         let mut spec = ServiceSpec::new("six", &[backend]);
         spec.listen = Some(free_v6());
@@ -66,12 +65,11 @@ fn ipv6_listen_and_backend_carry_exact_bytes() {
             back.len(),
             msg.len()
         );
-    });
+    }
 }
 
-#[test]
-fn ipv4_service_to_ipv6_backend_sends_the_ipv4_client_in_the_proxy_header() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn ipv4_service_to_ipv6_backend_sends_the_ipv4_client_in_the_proxy_header(dataplane) {
         if !lb_tests::terminates_tcp(dataplane) {
             return;
         }
@@ -95,5 +93,5 @@ fn ipv4_service_to_ipv6_backend_sends_the_ipv4_client_in_the_proxy_header() {
         let mut buf = [0u8; 4];
         c.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"ping");
-    });
+    }
 }

@@ -11,8 +11,8 @@ use std::{
 
 use lb_tests::{
     backend::Backend,
-    for_each_dataplane,
     lb::{self, LbConfig, ServiceSpec, TempDir, free_addr},
+    per_dataplane,
     stream::{End, connect, drain_until_end, echo_round_trip, half_close, read_to_eof, wait_until},
 };
 use nix::sys::signal::Signal;
@@ -28,9 +28,8 @@ fn refused_within(addr: std::net::SocketAddr, timeout: Duration) -> bool {
     })
 }
 
-#[test]
-fn sigterm_drains_open_connections_then_exits_0() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn sigterm_drains_open_connections_then_exits_0(dataplane) {
         let backend = Backend::echo();
         let mut lb = LbConfig::new(
             dataplane,
@@ -75,12 +74,11 @@ fn sigterm_drains_open_connections_then_exits_0() {
         });
         assert_eq!(status.code(), Some(0), "exit status {status}");
         assert!(closed.elapsed() < Duration::from_secs(10));
-    });
+    }
 }
 
-#[test]
-fn sigterm_deadline_closes_remaining_connections_then_exits_0() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn sigterm_deadline_closes_remaining_connections_then_exits_0(dataplane) {
         let backend = Backend::echo();
         let mut lb = LbConfig::new(
             dataplane,
@@ -104,7 +102,7 @@ fn sigterm_deadline_closes_remaining_connections_then_exits_0() {
             matches!(end, End::Eof | End::Reset),
             "the connection open at the deadline saw {end:?}, want EOF or reset"
         );
-    });
+    }
 }
 
 /// A config with one error at a known place: (text, line, column).
@@ -147,9 +145,8 @@ fn places(output: &str, file: &str) -> Vec<(usize, usize)> {
     found
 }
 
-#[test]
-fn a_bad_config_exits_78_from_run_and_1_from_check_naming_file_line_col() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn a_bad_config_exits_78_from_run_and_1_from_check_naming_file_line_col(dataplane) {
         let dir = TempDir::new();
         for (what, text, line, col) in bad_configs(dataplane) {
             let path = dir.path.join("bad.yaml");
@@ -204,15 +201,14 @@ fn a_bad_config_exits_78_from_run_and_1_from_check_naming_file_line_col() {
             String::from_utf8_lossy(&check.stdout),
             String::from_utf8_lossy(&check.stderr)
         );
-    });
+    }
 }
 
-/// Before: a second SIGTERM or SIGINT during a drain was ignored, and lb waited out the whole
-/// `shutdown_timeout` (an operator's second Ctrl-C did nothing). Now it closes the open
-/// connections at once and exits 0.
-#[test]
-fn a_second_sigterm_or_sigint_during_the_drain_ends_it_at_once() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    /// Before: a second SIGTERM or SIGINT during a drain was ignored, and lb waited out the whole
+    /// `shutdown_timeout` (an operator's second Ctrl-C did nothing). Now it closes the open
+    /// connections at once and exits 0.
+    fn a_second_sigterm_or_sigint_during_the_drain_ends_it_at_once(dataplane) {
         for second in [Signal::SIGTERM, Signal::SIGINT] {
             let backend = Backend::echo();
             let mut lb = LbConfig::new(
@@ -251,5 +247,5 @@ fn a_second_sigterm_or_sigint_during_the_drain_ends_it_at_once() {
                 lb.stderr()
             );
         }
-    });
+    }
 }

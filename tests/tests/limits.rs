@@ -9,14 +9,13 @@ use std::{
 
 use lb_tests::{
     backend::Backend,
-    for_each_dataplane,
     lb::{LbConfig, ServiceSpec},
+    per_dataplane,
     stream::{End, connect, drain_until_end, echo_round_trip},
 };
 
-#[test]
-fn idle_timeout_closes_idle_connections_but_not_busy_ones() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn idle_timeout_closes_idle_connections_but_not_busy_ones(dataplane) {
         let backend = Backend::echo();
         let lb = LbConfig::new(
             dataplane,
@@ -45,12 +44,11 @@ fn idle_timeout_closes_idle_connections_but_not_busy_ones() {
         );
         assert_eq!(bytes, 0);
         echo_round_trip(&mut busy, b"still here").unwrap();
-    });
+    }
 }
 
-#[test]
-fn over_max_connections_clients_wait_until_a_slot_frees() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn over_max_connections_clients_wait_until_a_slot_frees(dataplane) {
         let backend = Backend::echo();
         let lb = LbConfig::new(
             dataplane,
@@ -61,7 +59,7 @@ fn over_max_connections_clients_wait_until_a_slot_frees() {
             assert_eq!(backend.accepted(), 2, "the backend saw a third connection");
         });
         echo_round_trip(&mut b, b"b again").unwrap();
-    });
+    }
 }
 
 /// With a limit of 2: two clients are served; a third one's connect completes in the kernel's
@@ -92,13 +90,12 @@ fn third_waits_for_a_slot(lb: std::net::SocketAddr, while_waiting: impl FnOnce()
     b
 }
 
-/// Lowering `max_connections` by a reload while every slot is taken (open connections, and
-/// each worker's accept loop waiting with one) still lowers it: the slots are taken back as
-/// they come free, and once the connections have closed the new limit holds exactly.
-#[test]
-fn a_lower_max_connections_applies_once_the_open_connections_close() {
-    use lb_tests::admin::AdminLb;
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    /// Lowering `max_connections` by a reload while every slot is taken (open connections, and
+    /// each worker's accept loop waiting with one) still lowers it: the slots are taken back as
+    /// they come free, and once the connections have closed the new limit holds exactly.
+    fn a_lower_max_connections_applies_once_the_open_connections_close(dataplane) {
+        use lb_tests::admin::AdminLb;
         let backend = Backend::echo();
         let config = LbConfig::new(
             dataplane,
@@ -123,5 +120,5 @@ fn a_lower_max_connections_applies_once_the_open_connections_close() {
         }
         std::thread::sleep(Duration::from_millis(200));
         third_waits_for_a_slot(lb.addr(), || {});
-    });
+    }
 }

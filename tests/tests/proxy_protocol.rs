@@ -5,14 +5,13 @@ use std::{io::Read as _, io::Write as _, net::SocketAddr, time::Duration};
 
 use lb_tests::{
     backend::Backend,
-    for_each_dataplane,
     lb::{LbConfig, ServiceSpec},
+    per_dataplane,
     stream::{connect, half_close, read_exactly, read_to_eof},
 };
 
-#[test]
-fn the_backend_sees_the_client_address_in_a_v1_and_a_v2_header() {
-    for_each_dataplane(|dataplane| {
+per_dataplane! {
+    fn the_backend_sees_the_client_address_in_a_v1_and_a_v2_header(dataplane) {
         let backend = Backend::proxy_header_echo();
         let lb = LbConfig::new(
             dataplane,
@@ -47,7 +46,7 @@ fn the_backend_sees_the_client_address_in_a_v1_and_a_v2_header() {
                 assert!(rest.is_empty());
             }
         }
-    });
+    }
 }
 
 /// One line (without the newline), at most 200 bytes.
