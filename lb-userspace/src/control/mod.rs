@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod metrics;
+mod plan;
 pub mod status;
 
 use std::{
@@ -440,20 +441,27 @@ impl Daemon {
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
         let mut running = self.running.lock().await;
+        let plan = {
+            let current: Vec<(&str, std::net::SocketAddr)> = running
+                .iter()
+                .map(|(name, r)| (name.as_str(), r.listen))
+                .collect();
+            plan::plan(&current, &new.services, self.xdp.is_some())
+        };
         // 1. Everything that can fail, before anything changes.
         let mut prepared = Vec::new();
         for service in &new.services {
             let previous = running.get(&service.name);
-            let listener = match previous {
-                _ if self.xdp.is_some() => None,
-                Some(r) if r.listen == service.listen => None,
-                _ => Some(
+            let listener = if plan.bind.contains(&service.name) {
+                Some(
                     proxy::bind(service.listen).map_err(|source| ReloadError::Bind {
                         service: service.name.clone(),
                         listen: service.listen,
                         source,
                     })?,
-                ),
+                )
+            } else {
+                None
             };
             let old = previous.map(|r| r.state.load_full());
             let built = Service::build(service.clone(), old.as_deref()).map_err(|source| {
@@ -481,34 +489,16 @@ impl Daemon {
                 "dataplane, admin and shutdown_timeout changes take effect at the next restart"
             );
         }
-        // xdp: VIPs that leave, with their service or because it moved to another VIP.
-        let keep: Vec<&str> = new.services.iter().map(|s| s.name.as_str()).collect();
-        let mut removed_vips: Vec<std::net::SocketAddr> = running
-            .iter()
-            .filter(|(n, _)| !keep.contains(&n.as_str()))
-            .map(|(_, r)| r.listen)
-            .collect();
-        for service in &new.services {
-            if let Some(r) = running.get(&service.name)
-                && r.listen != service.listen
-            {
-                removed_vips.push(r.listen);
-            }
-        }
-        // A VIP that another service takes over stays programmed (its new owner rewrites it).
-        removed_vips.retain(|vip| !new.services.iter().any(|s| s.listen == *vip));
         for (service, listener, built) in prepared {
             self.start_service(&mut running, service, listener, built);
         }
-        running.retain(|name, r| {
-            let kept = keep.contains(&name.as_str());
-            if !kept {
+        for name in &plan.remove {
+            if let Some(r) = running.remove(name) {
                 tracing::info!(service = %name, "service removed: stopped accepting; open connections continue");
                 r.stop_accepting.cancel();
                 r.stop_checks.cancel();
             }
-            kept
-        });
+        }
         *self.services.write().unwrap_or_else(|e| e.into_inner()) = new
             .services
             .iter()
@@ -528,7 +518,7 @@ impl Daemon {
         };
         drop(config);
         if let Some(xdp) = &self.xdp {
-            xdp.program(&self.services(), &removed_vips)
+            xdp.program(&self.services(), &plan.removed_vips)
                 .map_err(ReloadError::Xdp)?;
         }
         Ok(())
