@@ -228,6 +228,47 @@ fn lbs_own_fd_exhaustion_is_never_blamed_on_a_backend() {
     assert_eq!(lb.status().state("few", backend.addr()), "up");
 }
 
+/// The reverse of the admin cap below: the data path at its descriptor limit does not starve
+/// the admin API. lb takes no descriptor it cannot use: a client it cannot connect to a
+/// backend (EMFILE on the backend socket) is closed at once, so the admin listener always finds
+/// a descriptor, and `/status` answers while every other one holds a live connection.
+#[test]
+fn the_admin_api_answers_while_the_data_path_holds_every_descriptor() {
+    use std::io::{Read as _, Write as _};
+    let backend = Backend::echo();
+    let lb = with_fds("full", backend.addr(), 64);
+    let addr = lb.addr();
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..80 {
+        let Ok(mut c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+            refused += 1;
+            continue;
+        };
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 4];
+        if c.write_all(b"ping").is_ok() && c.read_exact(&mut buf).is_ok() {
+            held.push(c);
+        } else {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "64 fds carried all 80 connections");
+    for round in 0..5 {
+        let r = lb_tests::admin::get(lb.admin, "/status")
+            .unwrap_or_else(|e| panic!("round {round}: /status with the data path full: {e}"));
+        assert_eq!(r.status, 200, "round {round}: {}", r.text());
+    }
+    // Every held connection still works.
+    for (i, c) in held.iter_mut().enumerate() {
+        let mut buf = [0u8; 4];
+        assert!(
+            c.write_all(b"pong").is_ok() && c.read_exact(&mut buf).is_ok() && &buf == b"pong",
+            "held connection {i} broke while the admin API answered"
+        );
+    }
+}
+
 /// Before: idle connections to the admin port (no bytes sent) were accepted without limit
 /// and held without a timeout: 1,100 of them under `LimitNOFILE=1024` took every descriptor
 /// and no client was served. Now at most 32 admin connections are open at once (the rest wait
