@@ -1007,7 +1007,7 @@ fn a_client_fin_between_the_two_insertions_loses_nothing() {
 }
 
 /// `mode: auto` with nothing else said serves through proxy and says why not sockmap (it is
-/// opt-in: the kernel's redirect path can repeat a 64 KiB segment under load, see the README);
+/// opt-in, see the README);
 /// with `dataplane.sockmap.enabled: true` the same file picks sockmap; with `false`, `mode:
 /// sockmap` is refused.
 #[test]

@@ -305,9 +305,9 @@ impl XdpConfig {
 pub struct SockmapConfig {
     /// `dataplane.sockmap.enabled` as written: `Some(true)`: `mode: auto` may pick sockmap;
     /// `Some(false)`: it never runs (`mode: sockmap` is an error); `None` (the default): only
-    /// an explicit `mode: sockmap` runs it. `auto` does not pick it unasked: on the kernels
-    /// tested, the kernel's redirect path repeated a 64 KiB segment of a bulk stream about once
-    /// in 10,000 transfers under concurrent load (README, "sockmap and the kernel").
+    /// an explicit `mode: sockmap` runs it. `auto` does not pick it unasked: its case over
+    /// the proxy is not made yet (README, "Retransmits that overlap, and why `auto` still does
+    /// not pick sockmap unasked").
     pub enabled: Option<bool>,
     /// Bytes relayed in userspace before the socket pair is handed to the kernel; 0 = at once.
     pub promote_after_bytes: u64,

@@ -279,8 +279,8 @@ fn choose_mode(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
             } else if config.dataplane.sockmap.refused() {
                 "dataplane.sockmap.enabled is false".to_owned()
             } else {
-                "not picked unless dataplane.sockmap.enabled: true (the kernel's redirect \
-                 path can repeat a segment of a bulk stream under load; see the README)"
+                "not picked unless dataplane.sockmap.enabled: true (opt-in: see the README, \
+                 The sockmap dataplane)"
                     .to_owned()
             };
             Ok(plain(
