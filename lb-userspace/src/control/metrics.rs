@@ -233,7 +233,7 @@ impl Collector for LbCollector {
                 Err(e) => tracing::warn!(error = %e, "cannot read the XDP counters"),
             }
         }
-        if let Some(sockmap) = &self.0.shared.sockmap {
+        if let Some(sockmap) = &self.0.sockmap {
             let handed = [
                 ("kernel", sockmap.handed.load(Relaxed)),
                 ("userspace", sockmap.kept.load(Relaxed)),
@@ -272,7 +272,8 @@ impl Collector for LbCollector {
                         "lb_sockmap_events",
                         "What the sockmap verdict program did with each skb (summed over CPUs): \
                          redirect, redirect_bytes, passed and passed_bytes (up to the daemon), no_target, \
-                         no_peer, empty (a FIN alone).",
+                         no_peer, empty (a FIN alone), repeat, repeat_bytes and repeat_uncut \
+                         (retransmitted bytes already handed on, cut).",
                         "event",
                         events,
                     )?;

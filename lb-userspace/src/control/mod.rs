@@ -264,6 +264,8 @@ pub struct Daemon {
     config: std::sync::Mutex<Config>,
     /// The attached XDP program, in the xdp dataplane.
     pub xdp: Option<crate::dataplane::vip::XdpRuntime>,
+    /// The sockmap dataplane's program and counters (metrics), when it runs.
+    pub sockmap: Option<Arc<crate::dataplane::sockmap::Sockmap>>,
 }
 
 /// Why a reload did not apply.
@@ -567,6 +569,7 @@ pub async fn run(
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     tracing::info!(dataplane = %choice.kind.as_str(), config = %path.display(), "starting");
     let shutdown_timeout = config.shutdown_timeout;
+    let sockmap = choice.sockmap.take();
     let daemon = Arc::new(Daemon {
         path,
         dataplane: choice.kind.as_str(),
@@ -578,9 +581,14 @@ pub async fn run(
             mode: relay_mode(),
             tracker: TaskTracker::new(),
             force_close: CancellationToken::new(),
-            sockmap: choice.sockmap.take(),
-            promote_after: config.dataplane.sockmap.promote_after_bytes,
+            handover: sockmap.clone().map(|sockmap| {
+                Arc::new(crate::dataplane::sockmap::KernelHandover {
+                    sockmap,
+                    after_bytes: config.dataplane.sockmap.promote_after_bytes,
+                }) as Arc<dyn crate::dataplane::Handover>
+            }),
         }),
+        sockmap,
         tasks: TaskTracker::new(),
         workers,
         reloads_ok: AtomicU64::new(0),

@@ -291,6 +291,26 @@ fn choose_mode(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
     }
 }
 
+/// A dataplane that takes connected pairs over from the proxy's accept path (sockmap hands them
+/// to the kernel). The proxy accepts, picks, connects and writes the PROXY header, relays the
+/// first [`Handover::after_bytes`] bytes itself, then gives the pair to
+/// [`Handover::take_over`]: this is the one seam between them, and the proxy never names what
+/// is behind it.
+pub trait Handover: Send + Sync + std::fmt::Debug {
+    /// Bytes (both ways) the proxy relays before the hand-over; 0: at once.
+    fn after_bytes(&self) -> u64;
+
+    /// Relays the pair until the connection ends. `relayed_before`: the bytes the proxy read
+    /// from the client and from the backend before the hand-over.
+    fn take_over<'a>(
+        &'a self,
+        client: tokio::net::TcpStream,
+        backend: tokio::net::TcpStream,
+        relayed_before: (u64, u64),
+        cx: relay::Context<'a>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = relay::Outcome> + Send + 'a>>;
+}
+
 /// Set in the environment, the sockmap self-test fails on purpose (tests of the fallback).
 pub const FORCE_SELFTEST_FAILURE: &str = "LB_SOCKMAP_SELFTEST_FAIL";
 

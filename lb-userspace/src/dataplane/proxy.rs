@@ -36,10 +36,9 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Fired when the drain deadline passes: open connections close.
     pub force_close: CancellationToken,
-    /// The sockmap dataplane: connections are handed to the kernel once connected (or once
-    /// they have moved `promote_after` bytes in userspace).
-    pub sockmap: Option<Arc<super::sockmap::Sockmap>>,
-    pub promote_after: u64,
+    /// Where connected pairs go after their first bytes, when another dataplane takes them over
+    /// (see [`super::Handover`]); `None`: the proxy relays every connection to its end.
+    pub handover: Option<Arc<dyn super::Handover>>,
 }
 
 /// Binds a listening socket: SO_REUSEADDR, IPv6 sockets IPv6-only, backlog 1024, non-blocking
@@ -175,17 +174,18 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
             idle_timeout: config.idle_timeout,
             force_close: &shared.force_close,
         };
-        let outcome = match &shared.sockmap {
-            Some(sockmap) => {
-                let promote = if shared.promote_after == 0 {
+        let outcome = match &shared.handover {
+            Some(handover) => {
+                let after = handover.after_bytes();
+                let promote = if after == 0 {
                     relay::Step::Promote { up: 0, down: 0 }
                 } else {
-                    relay::relay_until(&client, &stream, cx, Some(shared.promote_after)).await
+                    relay::relay_until(&client, &stream, cx, Some(after)).await
                 };
                 match promote {
                     relay::Step::Ended(outcome) => outcome,
                     relay::Step::Promote { up, down } => {
-                        sockmap.relay(client, stream, (up, down), cx).await
+                        handover.take_over(client, stream, (up, down), cx).await
                     }
                 }
             }

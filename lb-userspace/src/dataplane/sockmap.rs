@@ -830,6 +830,30 @@ impl Sockmap {
     }
 }
 
+/// The sockmap dataplane as the proxy's [`super::Handover`]: connections go to the kernel
+/// once they have moved `after_bytes` in userspace (`promote_after_bytes`).
+#[derive(Debug)]
+pub struct KernelHandover {
+    pub sockmap: std::sync::Arc<Sockmap>,
+    pub after_bytes: u64,
+}
+
+impl super::Handover for KernelHandover {
+    fn after_bytes(&self) -> u64 {
+        self.after_bytes
+    }
+
+    fn take_over<'a>(
+        &'a self,
+        client: TcpStream,
+        backend: TcpStream,
+        relayed_before: (u64, u64),
+        cx: relay::Context<'a>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>> {
+        Box::pin(self.sockmap.relay(client, backend, relayed_before, cx))
+    }
+}
+
 /// Set in the environment (bytes): a connection whose backlog passes it is handed back to the
 /// splice relay ([`Sockmap::demote`]). Off by default, so a bulk connection stays on the
 /// kernel path, held by back pressure ([`Sockmap::pressure`]): a backend that died while its
