@@ -278,7 +278,7 @@ fn torture_sockmap_small_threshold_crossed_mid_write() {
 }
 
 /// The hand-back to the splice relay is off by default (see `LB_SOCKMAP_HANDBACK_BACKLOG` in
-/// lb-userspace/src/dataplane/sockmap.rs: a backend killed during a hand-back can leave its
+/// lb-userspace/src/dataplane/sockmap/mod.rs: a backend killed during a hand-back can leave its
 /// client hanging), so this variant is not in CI; `cargo xtask torture --dataplane
 /// sockmap-hand-back` runs it.
 #[test]

@@ -263,7 +263,7 @@ pub struct Daemon {
     /// The current config (the last one applied).
     config: std::sync::Mutex<Config>,
     /// The attached XDP program, in the xdp dataplane.
-    pub xdp: Option<crate::dataplane::vip::XdpRuntime>,
+    pub xdp: Option<crate::dataplane::xdp::vip::XdpRuntime>,
     /// The sockmap dataplane's program and counters (metrics), when it runs.
     pub sockmap: Option<Arc<crate::dataplane::sockmap::Sockmap>>,
 }
@@ -281,9 +281,9 @@ pub enum ReloadError {
         source: std::io::Error,
     },
     #[error("the XDP maps cannot hold this configuration; nothing changed")]
-    XdpLimits(#[source] crate::dataplane::vip::VipError),
+    XdpLimits(#[source] crate::dataplane::xdp::vip::VipError),
     #[error("cannot program the XDP maps")]
-    Xdp(#[source] crate::dataplane::vip::VipError),
+    Xdp(#[source] crate::dataplane::xdp::vip::VipError),
     #[error("service {service}: cannot build backend selection; nothing changed")]
     Build {
         service: String,

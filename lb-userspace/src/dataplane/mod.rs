@@ -8,13 +8,10 @@
 //!
 //! `mode: auto` picks the best one that works and says which, and why not the others.
 
-mod btf;
-mod neigh;
 pub mod pipes;
 pub mod proxy;
 pub mod relay;
 pub mod sockmap;
-pub mod vip;
 pub mod xdp;
 
 use crate::config::{Config, DataplaneMode, ProxyProtocol};
@@ -44,7 +41,7 @@ pub struct Choice {
     pub kind: Kind,
     /// Why each better dataplane was not used.
     pub passed_over: Vec<(&'static str, String)>,
-    pub xdp: Option<vip::XdpRuntime>,
+    pub xdp: Option<xdp::vip::XdpRuntime>,
     /// The loaded sockmap program, in the sockmap dataplane.
     pub sockmap: Option<std::sync::Arc<sockmap::Sockmap>>,
     /// This instance's hold on `pin_path` (xdp and sockmap): kept while it serves.
@@ -234,7 +231,7 @@ fn choose_mode(config: &Config, fresh: bool) -> Result<Choice, ChooseError> {
         ..plain(Kind::Sockmap, passed_over)
     };
     let start_xdp =
-        || vip::XdpRuntime::start(config, fresh).map_err(|e| crate::sys::error_chain(&e));
+        || xdp::vip::XdpRuntime::start(config, fresh).map_err(|e| crate::sys::error_chain(&e));
     match config.dataplane.mode {
         DataplaneMode::Proxy => Ok(plain(Kind::Proxy, Vec::new())),
         DataplaneMode::Xdp => match start_xdp() {

@@ -34,6 +34,9 @@
 //! - a new flow starts at the slot the daemon's Maglev lookup starts at (the same SipHash
 //!   of the client) and walks at most 16 slots to the first backend that is up.
 
+mod neigh;
+pub mod vip;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 

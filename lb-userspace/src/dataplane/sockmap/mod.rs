@@ -28,6 +28,8 @@
 //!
 //! Never splice(2) a socket that is in `SK_SOCKS`: the relay here only reads and writes.
 
+mod btf;
+
 use std::{
     io,
     path::{Path, PathBuf},
@@ -112,7 +114,7 @@ pub enum SockmapError {
         "cannot find in the kernel's BTF the fields the verdict program reads to cut repeated \
          bytes (without them a retransmit can reach the peer twice)"
     )]
-    Btf(#[source] super::btf::BtfError),
+    Btf(#[source] btf::BtfError),
     #[error("start-up self-test failed: {0}")]
     SelfTest(String),
 }
@@ -179,8 +181,8 @@ pub struct SeqOffsets {
 }
 
 impl SeqOffsets {
-    pub fn of_kernel() -> Result<SeqOffsets, super::btf::BtfError> {
-        let btf = super::btf::Btf::kernel()?;
+    pub fn of_kernel() -> Result<SeqOffsets, btf::BtfError> {
+        let btf = btf::Btf::kernel()?;
         Ok(SeqOffsets {
             skb_cb: btf.offset_of("sk_buff", "cb")?,
             skb_sk: btf.offset_of("sk_buff", "sk")?,

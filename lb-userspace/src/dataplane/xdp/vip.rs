@@ -40,7 +40,7 @@ use std::{
 };
 
 use super::neigh::{Resolver, Table};
-use super::xdp::{AttachMode, ClientHash, XdpCounters, XdpDataplane, XdpError, XdpOptions};
+use super::{AttachMode, ClientHash, XdpCounters, XdpDataplane, XdpError, XdpOptions};
 use crate::{
     balance::{Algorithm, Candidate, Selector},
     config::{Config, ServiceConfig, XdpAttach},
@@ -126,7 +126,7 @@ impl XdpRuntime {
             ..XdpOptions::default()
         };
         if fresh {
-            for path in super::xdp::remove_pins(&config.dataplane.pin_path)? {
+            for path in super::remove_pins(&config.dataplane.pin_path)? {
                 tracing::info!(pin = %path.display(), "fresh start: removed");
             }
         }
