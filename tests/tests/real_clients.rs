@@ -545,24 +545,41 @@ impl Postgres {
             budget.timeout(CLIENT_TIMEOUT),
         )
         .expect_success();
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-             -c full_page_writes=off",
-            addr.port(),
-            root.display()
-        );
-        pg.started = true;
-        run(
-            as_postgres("pg_ctl")
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(&log)
-                .args(["-w", "-t", "30", "-o", &options, "start"]),
-            None,
-            budget.timeout(Duration::from_secs(40)),
-        )
-        .expect_success();
+        // The port is chosen right before the server binds it, and chosen again (at most 3
+        // times) when another test took it in between: the suite runs many tests at once.
+        for attempt in 1..=3 {
+            if attempt > 1 {
+                pg.addr = free_addr();
+            }
+            let options = format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+                 -c full_page_writes=off",
+                pg.addr.port(),
+                root.display()
+            );
+            pg.started = true;
+            let started = run(
+                as_postgres("pg_ctl")
+                    .arg("-D")
+                    .arg(&data)
+                    .arg("-l")
+                    .arg(&log)
+                    .args(["-w", "-t", "30", "-o", &options, "start"]),
+                None,
+                budget.timeout(Duration::from_secs(40)),
+            );
+            let taken =
+                fs::read_to_string(&log).is_ok_and(|text| text.contains("Address already in use"));
+            if started.success() || !taken || attempt == 3 {
+                started.expect_success();
+                break;
+            }
+            eprintln!(
+                "PostgreSQL's port {} was taken meanwhile; choosing another",
+                pg.addr
+            );
+            let _ = fs::remove_file(&log);
+        }
         pg
     }
 
