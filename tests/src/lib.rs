@@ -50,7 +50,7 @@ pub const DATAPLANES: [&str; 2] = ["proxy", "sockmap"];
 /// One end-to-end case as one named test per dataplane of [`DATAPLANES`]: `NAME::proxy` and
 /// `NAME::sockmap`, so a failure names its dataplane and `cargo test ::proxy` picks one.
 ///
-/// ```ignore
+/// ```text
 /// per_dataplane! {
 ///     /// What the case shows.
 ///     fn a_case(dataplane) {
