@@ -172,34 +172,40 @@ fn with_fds(name: &str, backend: std::net::SocketAddr, fds: u32) -> lb_tests::ad
     lb
 }
 
-/// Before: with few file descriptors and many clients, lb's own "Too many open files" on the
-/// backend connect counted as the backend's connect failure, and passive ejection took a
-/// healthy backend out. Now lb's shortage is counted as its own (`lb_local_errors_total`),
-/// the backend keeps a clean record and stays eligible, and once clients leave lb serves again.
-#[test]
-fn lbs_own_fd_exhaustion_is_never_blamed_on_a_backend() {
+/// Opens `n` clients to `addr`, each checked with one echo and then held open; returns the
+/// working ones and how many were refused or reset (lb out of descriptors).
+fn hold_connections(addr: std::net::SocketAddr, n: usize) -> (Vec<std::net::TcpStream>, usize) {
     use std::io::{Read as _, Write as _};
-    let backend = Backend::echo();
-    let lb = with_fds("few", backend.addr(), 64);
-    let addr = lb.addr();
-    // Clients that each hold a working connection, until lb has no descriptor left: then an
-    // accepted client finds no socket for its backend and is reset.
     let mut held = Vec::new();
     let mut refused = 0;
-    for _ in 0..80 {
+    for _ in 0..n {
         let Ok(mut c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
             refused += 1;
             continue;
         };
         c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut buf = [0u8; 4];
-        let ok = c.write_all(b"ping").is_ok() && c.read_exact(&mut buf).is_ok();
-        if ok {
+        if c.write_all(b"ping").is_ok() && c.read_exact(&mut buf).is_ok() {
             held.push(c);
         } else {
             refused += 1;
         }
     }
+    (held, refused)
+}
+
+/// Before: with few file descriptors and many clients, lb's own "Too many open files" on the
+/// backend connect counted as the backend's connect failure, and passive ejection took a
+/// healthy backend out. Now lb's shortage is counted as its own (`lb_local_errors_total`),
+/// the backend keeps a clean record and stays eligible, and once clients leave lb serves again.
+#[test]
+fn lbs_own_fd_exhaustion_is_never_blamed_on_a_backend() {
+    let backend = Backend::echo();
+    let lb = with_fds("few", backend.addr(), 64);
+    let addr = lb.addr();
+    // Clients that each hold a working connection, until lb has no descriptor left: then an
+    // accepted client finds no socket for its backend and is reset.
+    let (held, refused) = hold_connections(addr, 80);
     assert!(
         refused > 0 && held.len() < 80,
         "64 fds should not carry 80 connections ({} held)",
@@ -238,21 +244,7 @@ fn the_admin_api_answers_while_the_data_path_holds_every_descriptor() {
     let backend = Backend::echo();
     let lb = with_fds("full", backend.addr(), 64);
     let addr = lb.addr();
-    let mut held = Vec::new();
-    let mut refused = 0;
-    for _ in 0..80 {
-        let Ok(mut c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-            refused += 1;
-            continue;
-        };
-        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut buf = [0u8; 4];
-        if c.write_all(b"ping").is_ok() && c.read_exact(&mut buf).is_ok() {
-            held.push(c);
-        } else {
-            refused += 1;
-        }
-    }
+    let (mut held, refused) = hold_connections(addr, 80);
     assert!(refused > 0, "64 fds carried all 80 connections");
     for round in 0..5 {
         let r = lb_tests::admin::get(lb.admin, "/status")
