@@ -5,7 +5,8 @@
 
 use std::{
     io,
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    sync::atomic::{AtomicI32, Ordering::Relaxed},
 };
 
 use nix::{
@@ -49,6 +50,43 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
     }
     Ok(hard)
+}
+
+/// The soft open-files limit (1024 if it cannot be read).
+pub fn nofile_limit() -> u64 {
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
+}
+
+/// The data path holds no descriptor numbered at or above this: see [`reserve_descriptors`].
+static DATA_PATH_CEILING: AtomicI32 = AtomicI32::new(i32::MAX);
+
+/// Keeps the top of the open-files limit (`limit`) for the control plane: the admin API,
+/// health checks, reloads. Returns how many descriptors are kept back: a quarter of the
+/// limit, at most 128.
+///
+/// The kernel gives every new descriptor the lowest free number, so a data-path socket or
+/// pipe numbered at or above `limit - reserve` proves that every number below it is taken.
+/// The data path gives such a descriptor back at once (see [`data_path_fd`]), so its own
+/// descriptors all lie below the line and the ones above it stay free for the control plane:
+/// however many clients hold connections, `/status` and the health checks find a descriptor.
+/// Without the line, whether the admin listener or the data path met EMFILE first depended
+/// on the parity of the descriptors open at the time.
+pub fn reserve_descriptors(limit: u64) -> u64 {
+    let reserve = (limit / 4).min(128);
+    let ceiling = i32::try_from(limit - reserve).unwrap_or(i32::MAX);
+    DATA_PATH_CEILING.store(ceiling, Relaxed);
+    reserve
+}
+
+/// `Err(EMFILE)` when the data path may not keep `fd`: it lies in the control plane's
+/// reserve (see [`reserve_descriptors`]). The caller closes it and handles the error as it
+/// would a real EMFILE: lb's own shortage.
+pub fn data_path_fd(fd: &impl AsRawFd) -> io::Result<()> {
+    if fd.as_raw_fd() >= DATA_PATH_CEILING.load(Relaxed) {
+        Err(io::Error::from(Errno::EMFILE))
+    } else {
+        Ok(())
+    }
 }
 
 /// Is this error the process or system running out of file descriptors?

@@ -198,17 +198,30 @@ fn hold_connections(addr: std::net::SocketAddr, n: usize) -> (Vec<std::net::TcpS
 /// backend connect counted as the backend's connect failure, and passive ejection took a
 /// healthy backend out. Now lb's shortage is counted as its own (`lb_local_errors_total`),
 /// the backend keeps a clean record and stays eligible, and once clients leave lb serves again.
+///
+/// Also before (a CI failure): whether the shortage showed at the client's accept (the client
+/// left waiting in the backlog, nothing counted) or at the backend's socket (the client reset
+/// and counted) depended on the parity of the descriptors lb had open. Now the data path stops
+/// at a line below the limit (`sys::reserve_descriptors`) and always resets and counts.
+///
+/// Run at 64 and 65 descriptors, so both parities are covered.
 #[test]
 fn lbs_own_fd_exhaustion_is_never_blamed_on_a_backend() {
+    for fds in [64, 65] {
+        fd_exhaustion_is_lbs_own(fds);
+    }
+}
+
+fn fd_exhaustion_is_lbs_own(fds: u32) {
     let backend = Backend::echo();
-    let lb = with_fds("few", backend.addr(), 64);
+    let lb = with_fds("few", backend.addr(), fds);
     let addr = lb.addr();
-    // Clients that each hold a working connection, until lb has no descriptor left: then an
-    // accepted client finds no socket for its backend and is reset.
+    // Clients that each hold a working connection, until lb has no descriptor left for the
+    // data path: then a client is reset at once.
     let (held, refused) = hold_connections(addr, 80);
     assert!(
         refused > 0 && held.len() < 80,
-        "64 fds should not carry 80 connections ({} held)",
+        "{fds} fds should not carry 80 connections ({} held)",
         held.len()
     );
     drop(held);
@@ -228,27 +241,40 @@ fn lbs_own_fd_exhaustion_is_never_blamed_on_a_backend() {
     assert_eq!(m.get("lb_backend_up", &labels), 1, "{}", m.text);
     assert!(
         m.get("lb_local_errors_total", &[("service", "few")]) > 0,
-        "lb's own shortage is counted:\n{}",
+        "{fds} fds: lb's own shortage is counted:\n{}",
         m.text
     );
     assert_eq!(lb.status().state("few", backend.addr()), "up");
 }
 
 /// The reverse of the admin cap below: the data path at its descriptor limit does not starve
-/// the admin API. lb takes no descriptor it cannot use: a client it cannot connect to a
-/// backend (EMFILE on the backend socket) is closed at once, so the admin listener always finds
-/// a descriptor, and `/status` answers while every other one holds a live connection.
+/// the admin API. The data path keeps no descriptor above a line below the limit, so the
+/// admin listener always finds one, and `/status` answers while clients hold every descriptor
+/// the data path may have.
+///
+/// Before (a CI failure): lb only closed a client it could not connect to a backend; when the
+/// descriptors open came out even, the last one went to a client waiting for its backend
+/// socket, the admin listener met EMFILE, and `/status` did not answer.
+///
+/// Run at 64 and 65 descriptors, so both parities are covered.
 #[test]
 fn the_admin_api_answers_while_the_data_path_holds_every_descriptor() {
+    for fds in [64, 65] {
+        admin_answers_with_the_data_path_full(fds);
+    }
+}
+
+fn admin_answers_with_the_data_path_full(fds: u32) {
     use std::io::{Read as _, Write as _};
     let backend = Backend::echo();
-    let lb = with_fds("full", backend.addr(), 64);
+    let lb = with_fds("full", backend.addr(), fds);
     let addr = lb.addr();
     let (mut held, refused) = hold_connections(addr, 80);
-    assert!(refused > 0, "64 fds carried all 80 connections");
+    assert!(refused > 0, "{fds} fds carried all 80 connections");
     for round in 0..5 {
-        let r = lb_tests::admin::get(lb.admin, "/status")
-            .unwrap_or_else(|e| panic!("round {round}: /status with the data path full: {e}"));
+        let r = lb_tests::admin::get(lb.admin, "/status").unwrap_or_else(|e| {
+            panic!("{fds} fds, round {round}: /status with the data path full: {e}")
+        });
         assert_eq!(r.status, 200, "round {round}: {}", r.text());
     }
     // Every held connection still works.
@@ -257,6 +283,47 @@ fn the_admin_api_answers_while_the_data_path_holds_every_descriptor() {
         assert!(
             c.write_all(b"pong").is_ok() && c.read_exact(&mut buf).is_ok() && &buf == b"pong",
             "held connection {i} broke while the admin API answered"
+        );
+    }
+}
+
+/// Before: with every descriptor held by clients, a new client's bulk transfer needed a
+/// pipe for splice(2), met EMFILE, and the relay took that for the connection's failure: the
+/// client was reset mid-transfer. Now a step with no pipe copies through a buffer (no
+/// descriptor needed) and the bytes arrive exact both ways.
+#[test]
+fn a_bulk_transfer_with_no_descriptor_for_a_pipe_arrives_exact() {
+    use std::io::{Read as _, Write as _};
+    let backend = Backend::echo();
+    let lb = with_fds("bulk", backend.addr(), 64);
+    let addr = lb.addr();
+    let (mut held, refused) = hold_connections(addr, 80);
+    assert!(refused > 0, "64 fds carried all 80 connections");
+    // One client leaves; the next takes its two descriptors, and none is left for a pipe.
+    drop(held.pop());
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = try_connect(addr).expect("connect in the freed place");
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let len = 8 << 20;
+    let data = lb_tests::stream::Rng::new(7).bytes(len);
+    let mut writer = c.try_clone().unwrap();
+    let sent = data.clone();
+    let send = std::thread::spawn(move || {
+        writer.write_all(&sent).expect("send 8 MiB");
+        lb_tests::stream::half_close(&writer);
+    });
+    let mut back = Vec::with_capacity(len);
+    let got = c.read_to_end(&mut back);
+    send.join().unwrap();
+    got.unwrap_or_else(|e| panic!("the echo broke after {} bytes: {e}", back.len()));
+    assert_eq!(back.len(), len, "bytes echoed");
+    assert!(back == data, "the echo differs from what was sent");
+    // The held clients are still served.
+    for (i, c) in held.iter_mut().enumerate() {
+        let mut buf = [0u8; 4];
+        assert!(
+            c.write_all(b"pong").is_ok() && c.read_exact(&mut buf).is_ok() && &buf == b"pong",
+            "held connection {i} broke"
         );
     }
 }

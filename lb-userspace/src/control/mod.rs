@@ -63,9 +63,32 @@ pub fn run_daemon(
     workers: Option<NonZeroUsize>,
     fresh: bool,
 ) -> anyhow::Result<()> {
-    match sys::raise_nofile_limit() {
-        Ok(limit) => tracing::debug!(limit, "open-files limit raised"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    let limit = match sys::raise_nofile_limit() {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-files limit");
+            sys::nofile_limit()
+        }
+    };
+    let reserve = sys::reserve_descriptors(limit);
+    // Two sockets per connection (pipes come and go with bulk transfers).
+    let carried = limit.saturating_sub(reserve) / 2;
+    let wanted: u64 = config
+        .services
+        .iter()
+        .map(|s| u64::from(s.max_connections.get()))
+        .sum();
+    if wanted > carried {
+        tracing::warn!(
+            limit,
+            reserve,
+            "the open-files limit carries about {carried} connections, fewer than the \
+             services' max_connections ({wanted}); past it clients are reset \
+             (lb_local_errors_total): raise LimitNOFILE (or ulimit -n) to about {}",
+            2 * wanted + reserve + 64
+        );
+    } else {
+        tracing::debug!(limit, reserve, "open-files limit");
     }
     let prepared = prepare(&config, fresh)?;
     if nix::unistd::geteuid().is_root() {

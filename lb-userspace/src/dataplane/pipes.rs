@@ -60,12 +60,15 @@ impl PipePool {
         self.pipe_size
     }
 
-    /// An empty pipe, reused or new.
+    /// An empty pipe, reused or new. `Err(EMFILE)` when a new one would take descriptors
+    /// from the control plane's reserve ([`sys::data_path_fd`]): the caller copies instead.
     pub fn get(&self) -> io::Result<Pipe> {
         if let Some(pipe) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             return Ok(pipe);
         }
         let (read, write) = sys::pipe(self.pipe_size)?;
+        // The later of the two has the higher number.
+        sys::data_path_fd(&write)?;
         Ok(Pipe { read, write })
     }
 

@@ -82,6 +82,12 @@ pub async fn serve(
             () = stop.cancelled() => return,
         };
         match accepted {
+            Ok((client, _)) if sys::data_path_fd(&client).is_err() => {
+                // Every descriptor below the control plane's reserve is taken: the client is
+                // told at once rather than left waiting for a backend socket lb cannot open.
+                sys::reset_on_close(&client);
+                local_shortage(&service.load(), "no descriptor left for a client");
+            }
             Ok((client, peer)) => {
                 let service = service.load_full();
                 let span =
@@ -101,6 +107,21 @@ pub async fn serve(
             }
             Err(e) => tracing::debug!(error = %e, "accept failed"),
         }
+    }
+}
+
+/// Counts a client reset for lb's own shortage (`lb_local_errors_total`); warns at the 1st,
+/// 2nd, 4th, 8th... time so a long shortage does not flood the log.
+fn local_shortage(service: &Service, what: &str) {
+    let n = service.local_errors.fetch_add(1, Relaxed) + 1;
+    if n.is_power_of_two() {
+        tracing::warn!(
+            service = %service.config.name,
+            times = n,
+            "{what} (lb's own resources are exhausted); resetting the client"
+        );
+    } else {
+        tracing::debug!(service = %service.config.name, "{what}; resetting the client");
     }
 }
 
@@ -132,12 +153,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
             Err(e) if sys::is_local_error(&e) => {
                 // lb's own shortage, not the backend's fault: not fed to passive ejection or
                 // the backend's counters, and no other backend would fare better.
-                let n = service.local_errors.fetch_add(1, Relaxed) + 1;
-                if n.is_power_of_two() {
-                    tracing::warn!(error = %e, times = n, "lb cannot open a connection to a backend (its own resources are exhausted); resetting the client");
-                } else {
-                    tracing::debug!(error = %e, "lb cannot open a connection to a backend; resetting the client");
-                }
+                local_shortage(
+                    service,
+                    &format!("cannot open a connection to a backend: {e}"),
+                );
                 sys::reset_on_close(&client);
                 return;
             }
@@ -216,6 +235,7 @@ async fn connect(
     } else {
         TcpSocket::new_v6()?
     };
+    sys::data_path_fd(&socket)?;
     socket.set_nodelay(true)?;
     if let Some(time) = keepalive {
         socket2::SockRef::from(&socket)

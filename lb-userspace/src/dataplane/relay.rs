@@ -287,7 +287,11 @@ async fn direction(
                 .map_err(DirError::Source)?,
         };
         let moved = if splicing {
-            splice_step(src, dst, pool).await?
+            match splice_step(src, dst, pool).await? {
+                Spliced::Moved(moved) => moved,
+                // No descriptor for a pipe: this step copies (it costs none).
+                Spliced::NoPipe => copy_step(src, dst, Some(ready), pool).await?,
+            }
         } else {
             copy_step(src, dst, Some(ready), pool).await?
         };
@@ -326,16 +330,31 @@ fn touch(activity: &AtomicU64, start: Instant) {
     );
 }
 
-/// One splice from `src` into a pooled pipe and on to `dst`. `None`: nothing to read after
-/// all; `Some(0)`: EOF.
+/// What a splice step did.
+enum Spliced {
+    /// `None`: nothing to read after all; `Some(0)`: EOF; `Some(n)`: `n` bytes moved.
+    Moved(Option<usize>),
+    /// lb has no descriptor for a pipe (its own shortage, not the connection's): nothing
+    /// was read, and the caller copies this step instead.
+    NoPipe,
+}
+
+/// One splice from `src` into a pooled pipe and on to `dst`.
 async fn splice_step(
     src: &TcpStream,
     dst: &TcpStream,
     pool: &PipePool,
-) -> Result<Option<usize>, DirError> {
+) -> Result<Spliced, DirError> {
     let want = pool.pipe_size();
     // Borrow a pipe only once the socket says it has something (data or EOF).
-    let pipe = pool.get().map_err(DirError::Source)?;
+    let pipe = match pool.get() {
+        Ok(pipe) => pipe,
+        Err(e) if sys::is_fd_exhaustion(&e) => {
+            tracing::debug!(error = %e, "no descriptor for a pipe; copying instead");
+            return Ok(Spliced::NoPipe);
+        }
+        Err(e) => return Err(DirError::Source(e)),
+    };
     // Not `read_once`: a short splice does not mean the socket is drained. It stops when the
     // pipe runs out of slots (one per page fragment: a backend that answers with sendfile(2)
     // sends many small fragments), with bytes still queued and no new event to come for them.
@@ -344,17 +363,17 @@ async fn splice_step(
     }) {
         Ok(0) => {
             pool.put(pipe);
-            Ok(Some(0))
+            Ok(Spliced::Moved(Some(0)))
         }
         Ok(n) => {
             // On a write error the pipe may still hold bytes: it is dropped, not reused.
             drain(&pipe, n, dst).await?;
             pool.put(pipe);
-            Ok(Some(n))
+            Ok(Spliced::Moved(Some(n)))
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             pool.put(pipe);
-            Ok(None)
+            Ok(Spliced::Moved(None))
         }
         Err(e) => Err(DirError::Source(e)),
     }
