@@ -71,26 +71,32 @@ pub fn run_daemon(
         }
     };
     let reserve = sys::reserve_descriptors(limit);
-    // Two sockets per connection (pipes come and go with bulk transfers).
-    let carried = limit.saturating_sub(reserve) / 2;
-    let wanted: u64 = config
-        .services
-        .iter()
-        .map(|s| u64::from(s.max_connections.get()))
-        .sum();
-    if wanted > carried {
-        tracing::warn!(
+    let prepared = prepare(&config, fresh)?;
+    if prepared.choice.kind != dataplane::Kind::Xdp {
+        // Two sockets per connection (pipes come and go with bulk transfers). Information,
+        // not a warning: max_connections is a ceiling most services never reach, and past
+        // the limit clients are reset and counted (lb_local_errors_total), never hung.
+        let carried = limit.saturating_sub(reserve) / 2;
+        let wanted: u64 = config
+            .services
+            .iter()
+            .map(|s| u64::from(s.max_connections.get()))
+            .sum();
+        tracing::info!(
             limit,
             reserve,
-            "the open-files limit carries about {carried} connections, fewer than the \
-             services' max_connections ({wanted}); past it clients are reset \
-             (lb_local_errors_total): raise LimitNOFILE (or ulimit -n) to about {}",
-            2 * wanted + reserve + 64
+            "the open-files limit carries about {carried} connections (the services' \
+             max_connections add up to {wanted}{})",
+            if wanted > carried {
+                format!(
+                    "; to carry them all, raise LimitNOFILE (or ulimit -n) to {}",
+                    2 * wanted + reserve + 64
+                )
+            } else {
+                String::new()
+            }
         );
-    } else {
-        tracing::debug!(limit, reserve, "open-files limit");
     }
-    let prepared = prepare(&config, fresh)?;
     if nix::unistd::geteuid().is_root() {
         // The proxy keeps one capability: binding ports below 1024 on reload.
         let keep = [caps::Capability::CAP_NET_BIND_SERVICE];
