@@ -50,9 +50,6 @@ pub mod names {
     /// the kernel relays (the verdict program is attached here). bpftool shows cookies and
     /// socket ids.
     pub const SK_SOCKS: &str = "SK_SOCKS";
-    /// Sockmap: SOCKHASH, socket cookie (`u64`) -> socket: sockets leaving the kernel path
-    /// (bulk connections handed back to the daemon's splice relay); no program attached.
-    pub const SK_PARK: &str = "SK_PARK";
     /// Sockmap: hash, socket cookie (`u64`) -> [`crate::SockPeer`]: where that socket's bytes
     /// go, and how many went which way (written by the kernel).
     pub const SK_PEERS: &str = "SK_PEERS";

@@ -53,12 +53,6 @@ use lb_common::{SkCtrl, SkEvent, SockPeer};
 #[btf_map]
 static SK_SOCKS: SockHash<u64, 65536> = SockHash::new();
 
-/// Socket cookie -> socket: sockets on their way out of the kernel path (no program here).
-/// While a socket is in this map its psock lives on, with the bytes still queued in it, after
-/// it has left `SK_SOCKS`; the daemon takes those bytes, then removes it.
-#[btf_map]
-static SK_PARK: SockHash<u64, 65536> = SockHash::new();
-
 /// Socket cookie -> its peer and byte counts (written by this program; the daemon creates and
 /// deletes entries).
 #[btf_map]

@@ -161,14 +161,13 @@ impl Balancer {
         if self.plane != Plane::Proxy {
             let _ = write!(
                 s,
-                "; connections relayed by the kernel {}, kept in userspace {}, handed back {}, \
-                 holds {}; kernel redirected {} bytes",
+                "; connections relayed by the kernel {}, kept in userspace {}, holds {}; \
+                 kernel redirected {} bytes",
                 v("lb_sockmap_connections_total", &[("relayed_by", "kernel")]),
                 v(
                     "lb_sockmap_connections_total",
                     &[("relayed_by", "userspace")]
                 ),
-                v("lb_sockmap_handed_back_total", &[("dataplane", "sockmap")]),
                 v("lb_sockmap_holds_total", &[("dataplane", "sockmap")]),
                 v("lb_sockmap_events_total", &[("event", "redirect_bytes")]),
             );

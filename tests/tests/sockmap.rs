@@ -450,8 +450,7 @@ fn without_bpf_capabilities_auto_serves_through_proxy_and_logs_one_line_why() {
 }
 
 /// A loopback bulk upload outruns the kernel's redirect: the direction is held by back
-/// pressure (passed up, relayed by lb) and the connection stays on the kernel path (the
-/// hand-back to the splice relay is off by default, see LB_SOCKMAP_HANDBACK_BACKLOG).
+/// pressure (passed up, relayed by lb) and the connection stays on the kernel path.
 #[test]
 fn a_bulk_upload_is_held_on_the_kernel_path_without_losing_a_byte() {
     if !privileged("a_bulk_upload_is_held_on_the_kernel_path_without_losing_a_byte") {
@@ -481,11 +480,6 @@ fn a_bulk_upload_is_held_on_the_kernel_path_without_losing_a_byte() {
     assert_eq!(seen.received.first_mismatch, None);
     assert_eq!(seen.received.sha256, hasher.finish());
     let metrics = lb.metrics();
-    assert_eq!(
-        metrics.get("lb_sockmap_handed_back_total", &[("dataplane", "sockmap")]),
-        0,
-        "no hand-back by default"
-    );
     assert!(
         metrics.get("lb_sockmap_holds_total", &[("dataplane", "sockmap")]) >= 1,
         "the kernel falls behind a loopback bulk upload: the direction is held"
@@ -493,10 +487,6 @@ fn a_bulk_upload_is_held_on_the_kernel_path_without_losing_a_byte() {
     assert!(
         wait_until(Duration::from_secs(5), || pins.dump("SK_PEERS").is_empty()),
         "no entry left behind"
-    );
-    assert!(
-        pins.dump("SK_PARK").is_empty(),
-        "no parked socket left behind"
     );
 }
 
@@ -528,9 +518,7 @@ fn a_half_closed_download_to_a_slow_client_is_held_and_arrives_exact() {
     assert_eq!(down.check(0, &buf[..n]), None, "the first bytes are exact");
     hasher.update(&buf[..n]);
     got += n as u64;
-    // Now half-closed: lb's client socket has seen a FIN, so the kernel cannot park it and
-    // hand the connection back; back pressure must hold the download instead while the
-    // client does not read.
+    // Now half-closed: back pressure must hold the download while the client does not read.
     client.shutdown(Shutdown::Write).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     loop {
@@ -560,10 +548,6 @@ fn a_half_closed_download_to_a_slow_client_is_held_and_arrives_exact() {
         metrics.get("lb_sockmap_holds_total", &[("dataplane", "sockmap")]) >= 1,
         "the download was held while the client did not read: {}",
         metrics.text
-    );
-    assert_eq!(
-        metrics.get("lb_sockmap_handed_back_total", &[("dataplane", "sockmap")]),
-        0
     );
     assert_eq!(
         metrics.get("lb_sockmap_connections_total", &[("relayed_by", "kernel")]),
@@ -691,8 +675,8 @@ fn under_ip_netns_exec_lb_mounts_bpffs_and_serves_on_sockmap() {
 /// lb holding fds. Five times: four clients stream 8 MiB each from a backend process (bulk:
 /// the kernel's backlog passes the hold threshold while they do not read), the backend is
 /// killed (SIGKILL); each client must see EOF or a reset within 10 s, and afterwards lb holds
-/// no socket and no map entry of theirs. `LB_SOCKMAP_HANDBACK_BACKLOG` (the opt-in hand-back)
-/// can be set for a run of this test to study that path; with 65536 it fails.
+/// no socket and no map entry of theirs. (The hand-back is gone: a bulk connection stays on
+/// the kernel path, held by back pressure.)
 #[test]
 fn a_killed_backend_mid_bulk_ends_every_client_and_leaks_nothing() {
     if !privileged("a_killed_backend_mid_bulk_ends_every_client_and_leaks_nothing") {
@@ -756,7 +740,7 @@ fn a_killed_backend_mid_bulk_ends_every_client_and_leaks_nothing() {
             lb.socket_count(),
             lb.fds()
         );
-        for map in ["SK_PEERS", "SK_SOCKS", "SK_CTRL", "SK_PARK"] {
+        for map in ["SK_PEERS", "SK_SOCKS", "SK_CTRL"] {
             let entries = pins.dump(map);
             assert!(
                 entries.is_empty(),

@@ -8,9 +8,10 @@
 //! - proxy and sockmap (shipped promotion) with four connections at once;
 //! - sockmap with the shipped default promotion (64 KiB in userspace first);
 //! - sockmap with promotion at once;
-//! - sockmap with a small threshold, crossed in the middle of a write;
-//! - sockmap with the hand-back to the splice relay forced for every bulk connection (opt-in,
-//!   not in CI: see its test).
+//! - sockmap with a small threshold, crossed in the middle of a write.
+//!
+//! (A hand-back of bulk connections to the splice relay had its own variant; the hand-back is
+//! gone: see README "Why a bulk connection is not handed back".)
 
 use std::{net::TcpStream, time::Duration};
 
@@ -275,24 +276,6 @@ fn torture_sockmap_small_threshold_crossed_mid_write() {
         return;
     }
     torture("sockmap-1000", "sockmap", &promote_after(1000), &[]);
-}
-
-/// The hand-back to the splice relay is off by default (see `LB_SOCKMAP_HANDBACK_BACKLOG` in
-/// lb-userspace/src/dataplane/sockmap/mod.rs: a backend killed during a hand-back can leave its
-/// client hanging), so this variant is not in CI; `cargo xtask torture --dataplane
-/// sockmap-hand-back` runs it.
-#[test]
-#[ignore = "the hand-back is off by default and has a known hang; run it with cargo xtask torture"]
-fn torture_sockmap_hand_back_forced() {
-    if !privileged("torture_sockmap_hand_back_forced") {
-        return;
-    }
-    torture(
-        "sockmap-hand-back",
-        "sockmap",
-        &promote_after(0),
-        &[("LB_SOCKMAP_HANDBACK_BACKLOG", "65536")],
-    );
 }
 
 /// The xdp dataplane on the namespace topology (`lb_tests::topology`) with GRO on every veth

@@ -48,9 +48,9 @@ enum Task {
         /// Minutes per dataplane and mode.
         #[arg(long, default_value_t = 5)]
         minutes: u64,
-        /// Only this one (proxy, auto, sockmap-defaults, sockmap-at-once, sockmap-1000,
-        /// sockmap-hand-back, xdp-nat-native, xdp-nat-generic, xdp-dsr-native,
-        /// xdp-dsr-generic), or a prefix of several (sockmap, xdp).
+        /// Only this one (proxy, proxy-concurrent, sockmap-concurrent, auto,
+        /// sockmap-defaults, sockmap-at-once, sockmap-1000, xdp-nat-native, xdp-nat-generic,
+        /// xdp-dsr-native, xdp-dsr-generic), or a prefix of several (sockmap, xdp).
         #[arg(long)]
         dataplane: Option<String>,
         /// Replay this seed (printed by every run).

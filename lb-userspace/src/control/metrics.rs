@@ -248,14 +248,6 @@ impl Collector for LbCollector {
             )?;
             labelled_counter(
                 &mut encoder,
-                "lb_sockmap_handed_back",
-                "Bulk connections handed back to the splice relay (only with LB_SOCKMAP_HANDBACK_BACKLOG \
-                 set: off by default).",
-                "dataplane",
-                std::iter::once(("sockmap", sockmap.demoted.load(Relaxed))),
-            )?;
-            labelled_counter(
-                &mut encoder,
                 "lb_sockmap_holds",
                 "Times a direction was held for back pressure (its peer fell 4 MiB behind: the \
                  daemon relayed its bytes until the peer caught up).",

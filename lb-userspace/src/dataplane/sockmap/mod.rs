@@ -17,9 +17,10 @@
 //!    (bytes redirected that have not reached the peer's send queue). Past 4 MiB the
 //!    direction is held (`SK_CTRL.hold`): bytes are passed up, where they count against the
 //!    socket's receive buffer, so TCP's window closes on the sender, and the daemon relays
-//!    them as the peer takes them. Below 1 MiB the kernel redirects again. (The hand-back of
-//!    a bulk connection to the splice relay, [`Sockmap::demote`], is off by default: see
-//!    [`HANDBACK_BACKLOG_ENV`].)
+//!    them as the peer takes them. Below 1 MiB the kernel redirects again. A connection never
+//!    leaves the kernel path once on it: a hand-back to the splice relay was tried and taken
+//!    out (a socket leaving a sockmap loses the bytes and the FIN its psock still holds; see
+//!    README "Why a bulk connection is not handed back").
 //! 5. EOF on one socket: once every byte it received has reached the other socket's send
 //!    queue (the program's byte count against the peer's `tcpi_bytes_acked` + SIOCOUTQ), the
 //!    FIN is passed on with `shutdown(SHUT_WR)`; the other direction keeps flowing.
@@ -59,9 +60,8 @@ use crate::sys;
 static SOCKMAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-sockmap"));
 
 /// The maps this dataplane pins under `pin_path`.
-const MAP_NAMES: [&str; 5] = [
+const MAP_NAMES: [&str; 4] = [
     names::SK_SOCKS,
-    names::SK_PARK,
     names::SK_PEERS,
     names::SK_CTRL,
     names::SK_STATS,
@@ -122,7 +122,6 @@ pub enum SockmapError {
 /// The loaded sockmap program and its maps; the one owner of these kernel objects.
 pub struct Sockmap {
     socks: Mutex<SockHash<MapData, u64>>,
-    park: Mutex<SockHash<MapData, u64>>,
     peers: RwLock<BpfHashMap<MapData, u64, SockPeer>>,
     ctrl: Mutex<BpfHashMap<MapData, u64, SkCtrl>>,
     stats: PerCpuArray<MapData, u64>,
@@ -133,11 +132,6 @@ pub struct Sockmap {
     pub kept: AtomicU64,
     /// Back-pressure holds (a peer fell behind and the connection could not leave).
     pub holds: AtomicU64,
-    /// Bulk connections handed back to the daemon's splice relay.
-    pub demoted: AtomicU64,
-    /// A direction's backlog past which a connection is handed back to the splice relay:
-    /// never, unless [`HANDBACK_BACKLOG_ENV`] sets one (see there why).
-    handback_backlog: u64,
     /// `SK_STATS` after the self-test: the metrics count clients' traffic only.
     baseline: [u64; SkEvent::COUNT as usize],
     /// Our pins and the ids of the maps they name: removed on drop if still ours.
@@ -205,7 +199,6 @@ impl Sockmap {
             .override_global(names::SK_OFF_COPIED, &offsets.tcp_copied_seq, true)
             .map_max_entries(names::SK_SOCKS, max_sockets)
             .map_max_entries(names::SK_CTRL, max_sockets)
-            .map_max_entries(names::SK_PARK, max_sockets)
             .map_max_entries(names::SK_PEERS, max_sockets)
             .load(SOCKMAP_OBJECT)
             .map_err(|e| SockmapError::Load(Box::new(e)))?;
@@ -220,7 +213,6 @@ impl Sockmap {
         }
         let socks: SockHash<MapData, u64> = take(&mut ebpf, names::SK_SOCKS)?;
         let ctrl: BpfHashMap<MapData, u64, SkCtrl> = take(&mut ebpf, names::SK_CTRL)?;
-        let park: SockHash<MapData, u64> = take(&mut ebpf, names::SK_PARK)?;
         let peers: BpfHashMap<MapData, u64, SockPeer> = take(&mut ebpf, names::SK_PEERS)?;
         let stats: PerCpuArray<MapData, u64> = take(&mut ebpf, names::SK_STATS)?;
         let program_err = |source| SockmapError::Program {
@@ -239,18 +231,12 @@ impl Sockmap {
         program.attach(socks.fd()).map_err(program_err)?;
         Ok(Sockmap {
             socks: Mutex::new(socks),
-            park: Mutex::new(park),
             ctrl: Mutex::new(ctrl),
             peers: RwLock::new(peers),
             stats,
             handed: AtomicU64::new(0),
             kept: AtomicU64::new(0),
             holds: AtomicU64::new(0),
-            demoted: AtomicU64::new(0),
-            handback_backlog: std::env::var(HANDBACK_BACKLOG_ENV)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(u64::MAX),
             baseline: [0; SkEvent::COUNT as usize],
             pinned,
             _ebpf: ebpf,
@@ -270,7 +256,7 @@ impl Sockmap {
     /// Starts the counters from zero (after the self-test).
     pub fn reset_counters(&mut self) -> Result<(), SockmapError> {
         self.baseline = self.raw_events()?;
-        for c in [&self.handed, &self.kept, &self.holds, &self.demoted] {
+        for c in [&self.handed, &self.kept, &self.holds] {
             c.store(0, Relaxed);
         }
         Ok(())
@@ -366,11 +352,6 @@ impl Sockmap {
             let mut socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
             let _ = socks.remove(&ca);
             let _ = socks.remove(&cb);
-        }
-        {
-            let mut park = self.park.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = park.remove(&ca);
-            let _ = park.remove(&cb);
         }
         {
             let mut ctrl = self.ctrl.lock().unwrap_or_else(|e| e.into_inner());
@@ -471,141 +452,15 @@ impl Sockmap {
             down_before,
             counters.to_client,
         );
-        let watched = self
+        let outcome = self
             .watch(&up, &down, pool, idle_timeout, force_close)
             .await;
         // Final counts, then out of the maps before the sockets close.
         for dir in [&up, &down] {
             let _ = self.account(dir);
         }
-        let demote = match watched {
-            Watched::Ended(outcome) => {
-                self.forget(cc, cb);
-                return outcome;
-            }
-            Watched::Bulk => self.demote(&up, &down, pool).await,
-        };
         self.forget(cc, cb);
-        if let Err(e) = demote {
-            // Bytes may be lost: end the connection with resets rather than corrupt it.
-            tracing::warn!(error = %e, "cannot hand a bulk connection back to userspace; resetting it");
-            sys::reset_on_close(&client);
-            sys::reset_on_close(&backend);
-            return Outcome::BackendFailed;
-        }
-        self.demoted.fetch_add(1, Relaxed);
-        tracing::debug!("bulk connection handed back to the splice relay");
-        relay::relay(client, backend, fallback).await
-    }
-
-    /// Takes a bulk connection off the kernel path (both directions still open, neither in
-    /// the middle of a write; both sockets already in `SK_PARK`). Out of `SK_SOCKS`, new
-    /// bytes wait in the sockets' receive queues; the kernel's redirect queues drain into the
-    /// peers; the bytes the program had passed up are relayed from the parked psocks; then
-    /// the sockets leave `SK_PARK` and are plain sockets again, ready for splice.
-    async fn demote(&self, up: &Dir<'_>, down: &Dir<'_>, pool: &PipePool) -> io::Result<()> {
-        {
-            let mut socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
-            for dir in [up, down] {
-                socks.remove(&dir.src_cookie).map_err(io::Error::other)?;
-            }
-        }
-        // Both directions at once, and each keeps relaying (copying) after its own queued
-        // bytes are through until the other's are too: a client that writes before it reads
-        // would otherwise wait on us while we wait on it.
-        let (up_done, down_done) = (AtomicBool::new(false), AtomicBool::new(false));
-        let limit = Duration::from_secs(30);
-        let both = async {
-            tokio::try_join!(
-                self.demote_dir(up, pool, &up_done, &down_done),
-                self.demote_dir(down, pool, &down_done, &up_done),
-            )
-        };
-        tokio::time::timeout(limit, both)
-            .await
-            .map_err(|_| io::Error::other("the kernel's queues did not drain within 30 s"))??;
-        let mut park = self.park.lock().unwrap_or_else(|e| e.into_inner());
-        for dir in [up, down] {
-            park.remove(&dir.src_cookie).map_err(io::Error::other)?;
-        }
-        Ok(())
-    }
-
-    /// One direction of [`Sockmap::demote`]: first everything the kernel redirected, then
-    /// what it passed up (in the order the bytes arrived); then, until the other direction is
-    /// through too, whatever else `src` has (up to its EOF, which stays for the splice relay
-    /// to see and pass on).
-    async fn demote_dir(
-        &self,
-        dir: &Dir<'_>,
-        pool: &PipePool,
-        done: &AtomicBool,
-        other_done: &AtomicBool,
-    ) -> io::Result<()> {
-        let err = |(DirError::Source(e) | DirError::Dest(e))| e;
-        self.drained(dir).await.map_err(err)?;
-        // The passed-up bytes wait in the parked psock's message queue, which a read takes
-        // before the receive queue. (Had the kernel put one on its retry list instead, after
-        // failing a GFP_ATOMIC allocation, a newer byte could be read first; not observed.)
-        let mut eof = false;
-        loop {
-            if !done.load(Relaxed) {
-                // A program run that began before the removal may still add to the count:
-                // it is read again each time round.
-                let passed = self
-                    .peer(dir.src_cookie)
-                    .map_err(io::Error::other)?
-                    .passed_bytes;
-                if dir.copied.load(Relaxed) >= passed {
-                    done.store(true, Relaxed);
-                }
-            }
-            if done.load(Relaxed) && (eof || other_done.load(Relaxed)) {
-                if eof {
-                    // Nothing more to read here: wait for the other direction.
-                    while !other_done.load(Relaxed) {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
-                return Ok(());
-            }
-            if eof {
-                // EOF before every passed byte was read cannot happen (they are queued
-                // ahead of it); do not spin if it does.
-                return Err(io::Error::other("EOF before the passed-up bytes"));
-            }
-            tokio::select! {
-                r = dir.src.ready(Interest::READABLE) => { r?; }
-                // Re-check the other direction now and then.
-                () = tokio::time::sleep(Duration::from_millis(5)) => continue,
-            };
-            match relay::copy_step(dir.src, dir.dst, None, pool)
-                .await
-                .map_err(err)?
-            {
-                Some(0) => eof = true,
-                Some(n) => {
-                    dir.copied.fetch_add(n as u64, Relaxed);
-                    dir.bytes.fetch_add(n as u64, Relaxed);
-                }
-                None => {}
-            }
-        }
-    }
-
-    /// Parks both sockets (see [`Sockmap::demote`]); false if the kernel refuses (a socket
-    /// that has seen a FIN cannot enter a sockmap).
-    fn park(&self, up: &Dir<'_>, down: &Dir<'_>) -> bool {
-        use std::os::fd::AsRawFd as _;
-        let mut park = self.park.lock().unwrap_or_else(|e| e.into_inner());
-        let parked = park
-            .insert(up.src_cookie, up.src.as_raw_fd(), 0)
-            .and_then(|()| park.insert(down.src_cookie, down.src.as_raw_fd(), 0));
-        if parked.is_err() {
-            let _ = park.remove(&up.src_cookie);
-            let _ = park.remove(&down.src_cookie);
-        }
-        parked.is_ok()
+        outcome
     }
 
     /// Adds what the kernel redirected for `dir` since the last call to the backend's
@@ -692,7 +547,7 @@ impl Sockmap {
         pool: &PipePool,
         idle_timeout: Duration,
         force_close: &CancellationToken,
-    ) -> Watched {
+    ) -> Outcome {
         let up_run = self.direction(up, pool);
         let down_run = self.direction(down, pool);
         tokio::pin!(up_run, down_run);
@@ -709,13 +564,13 @@ impl Sockmap {
             tokio::select! {
                 r = &mut up_run, if !up_done => match r {
                     Ok(()) => up_done = true,
-                    Err(DirError::Source(e)) => return Watched::Ended(fail(up.dst, Outcome::ClientFailed, &e)),
-                    Err(DirError::Dest(e)) => return Watched::Ended(fail(up.src, Outcome::BackendFailed, &e)),
+                    Err(DirError::Source(e)) => return fail(up.dst, Outcome::ClientFailed, &e),
+                    Err(DirError::Dest(e)) => return fail(up.src, Outcome::BackendFailed, &e),
                 },
                 r = &mut down_run, if !down_done => match r {
                     Ok(()) => down_done = true,
-                    Err(DirError::Source(e)) => return Watched::Ended(fail(down.dst, Outcome::BackendFailed, &e)),
-                    Err(DirError::Dest(e)) => return Watched::Ended(fail(down.src, Outcome::ClientFailed, &e)),
+                    Err(DirError::Source(e)) => return fail(down.dst, Outcome::BackendFailed, &e),
+                    Err(DirError::Dest(e)) => return fail(down.src, Outcome::ClientFailed, &e),
                 },
                 () = &mut timer => {
                     let mut moved = 0;
@@ -733,19 +588,6 @@ impl Sockmap {
                                 continue;
                             }
                         };
-                        // Bulk: the kernel falls behind. The splice relay moves bulk faster
-                        // and cheaper (docs/benchmarks.md): hand the connection back, at a
-                        // moment when neither direction holds bytes.
-                        if backlog > self.handback_backlog
-                            && up.in_kernel
-                            && !up_done
-                            && !down_done
-                            && !up.busy.load(Relaxed)
-                            && !down.busy.load(Relaxed)
-                            && self.park(up, down)
-                        {
-                            return Watched::Bulk;
-                        }
                         if let Err(e) = self.pressure(dir, backlog) {
                             tracing::warn!(error = %crate::sys::error_chain(&e), "sockmap back pressure");
                         }
@@ -756,22 +598,21 @@ impl Sockmap {
                         copied_seen = copied;
                         last_activity = Instant::now();
                     } else if last_activity.elapsed() >= idle_timeout {
-                        return Watched::Ended(Outcome::IdleTimeout);
+                        return Outcome::IdleTimeout;
                     }
                     tick = if held || moved >= BUSY_BYTES { TICK_FAST } else { (tick * 2).min(slowest) };
                     timer.as_mut().reset(Instant::now() + tick);
                 }
-                () = force_close.cancelled() => return Watched::Ended(Outcome::Shutdown),
+                () = force_close.cancelled() => return Outcome::Shutdown,
             }
             if up_done && down_done {
-                return Watched::Ended(Outcome::Closed);
+                return Outcome::Closed;
             }
         }
     }
 
-    /// Holds `dir` when its peer has fallen [`BACKLOG_HIGH`] behind (and the connection
-    /// could not be handed back), lets it go below [`BACKLOG_LOW`]: the kernel's redirect
-    /// queue has no bound of its own.
+    /// Holds `dir` when its peer has fallen [`BACKLOG_HIGH`] behind, lets it go below
+    /// [`BACKLOG_LOW`]: the kernel's redirect queue has no bound of its own.
     fn pressure(&self, dir: &Dir<'_>, backlog: u64) -> Result<(), SockmapError> {
         let held = dir.held.load(Relaxed);
         if !held && backlog > BACKLOG_HIGH {
@@ -806,10 +647,7 @@ impl Sockmap {
             sys::kick_receive_queue(dir.src).map_err(DirError::Source)?;
             // Passed-up bytes go after everything redirected before them.
             self.drained(dir).await?;
-            dir.busy.store(true, Relaxed);
-            let step = relay::copy_step(dir.src, dir.dst, Some(ready), pool).await;
-            dir.busy.store(false, Relaxed);
-            match step? {
+            match relay::copy_step(dir.src, dir.dst, Some(ready), pool).await? {
                 None => {}
                 // A FIN is TCP state, set when it arrives: bytes before it may still be on
                 // their way through the program, or passed up and not yet readable.
@@ -856,16 +694,6 @@ impl super::Handover for KernelHandover {
     }
 }
 
-/// Set in the environment (bytes): a connection whose backlog passes it is handed back to the
-/// splice relay ([`Sockmap::demote`]). Off by default, so a bulk connection stays on the
-/// kernel path, held by back pressure ([`Sockmap::pressure`]): a backend that died while its
-/// connection was being handed back left the client without EOF or reset in about one case
-/// in four (test `a_killed_backend_mid_bulk_ends_every_client_and_leaks_nothing` with this
-/// set to 65536): bytes and the FIN that were off the receive queue, in the psock, when it was
-/// torn down were never readable again (`ss` shows them in Recv-Q, a read finds nothing).
-/// Kept for the torture suite's opt-in variant and for study.
-pub const HANDBACK_BACKLOG_ENV: &str = "LB_SOCKMAP_HANDBACK_BACKLOG";
-
 /// Set in the environment (milliseconds): a pause between the backend's and the client's
 /// insertion into `SK_SOCKS`, so that tests can land a FIN in it.
 pub const INSERT_DELAY_ENV: &str = "LB_SOCKMAP_TEST_INSERT_DELAY_MS";
@@ -910,15 +738,6 @@ struct Dir<'a> {
     /// Bytes the userspace relay read from `src` before the hand-over (`promote_after_bytes`):
     /// in `tcpi_bytes_received`, never seen by the program.
     read_before: u64,
-    /// In the middle of relaying passed-up bytes (read, not yet all written).
-    busy: AtomicBool,
-}
-
-/// How watching a connection ended.
-enum Watched {
-    Ended(Outcome),
-    /// Bulk: both sockets are parked, to leave the kernel path.
-    Bulk,
 }
 
 impl<'a> Dir<'a> {
@@ -940,7 +759,6 @@ impl<'a> Dir<'a> {
             bytes,
             held: AtomicBool::new(false),
             read_before,
-            busy: AtomicBool::new(false),
             in_kernel: true,
         }
     }
