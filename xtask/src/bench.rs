@@ -122,7 +122,12 @@ fn write_loopback(
         );
     }
     doc.push_str(&tables);
-    doc.push_str(SOCKMAP_NOTES);
+    // Without the file's own comment (which is about editing it).
+    doc.push_str(
+        SOCKMAP_NOTES
+            .split_once("-->")
+            .map_or(SOCKMAP_NOTES, |(_, notes)| notes),
+    );
     let path = root().join("docs/benchmarks.md");
     std::fs::write(&path, &doc).with_context(|| format!("cannot write {}", path.display()))?;
     println!("{tables}");
@@ -355,72 +360,9 @@ fn header(
     )
 }
 
-/// Why the sockmap dataplane hands over what it does: the measurements behind the policy
-/// (made by hand while choosing it; the tables above are this run's).
-const SOCKMAP_NOTES: &str = "
-## The sockmap dataplane: which connections go to the kernel
-
-Measured on this machine on 2026-11-26 while choosing the policy (loopback, iperf3 through
-`lb --dataplane sockmap`, whole-machine CPU from /proc/stat):
-
-- The kernel's redirect path (`bpf_sk_redirect_hash` to the peer's egress) sends each skb
-  from a per-socket work queue. With every connection handed over and no back pressure, one
-  iperf3 stream arrived at 5.2 Gbit/s while the verdict program redirected 10.8 Gbit/s into the
-  queue: 3 GB piled up in kernel memory in 4 s (4 GiB in 20 s toward a SIGSTOPped backend),
-  at 1.7 CPU s/GB. The queue has no bound of its own, so lb watches each direction's backlog.
-- Holding a bulk direction in the daemon (the program passes bytes up, lb reads and writes
-  them) bounds memory but moves bytes like the copy relay: 11 Gbit/s, 1.0 CPU s/GB, against
-  27 Gbit/s and 0.49 CPU s/GB for the splice relay.
-- So a connection whose backlog passes 4 MiB (bulk: the kernel falls behind) is handed back
-  to the splice relay; with that, bulk through `lb sockmap` runs at the proxy's rate
-  (24 vs 25.5 Gbit/s, 0.53 vs 0.50 CPU s/GB in the quick run that chose it).
-- Handing every connection over at once (`lb sockmap (at once)`) cost a third of the new
-  connections per second (11.8k vs 17.8k conn/s with 1 thread): four map updates, two
-  socket-option calls and the socket-cookie lookups per connection, for connections that
-  carry one request. Keep-alive request/response traffic through the kernel has a lower
-  p50 and p99 than through the relay (tables above), at a rate within about 20% either way.
-  Hence `promote_after_bytes: 65536`: short connections stay in userspace, long-lived chatty
-  ones are handed over.
-- Verdict: on this kernel sockmap does not beat the splice relay on bulk throughput or CPU per
-  GB; it lowers latency for long-lived request/response connections and frees the daemon from
-  touching their bytes. The default policy keeps it never worse than the proxy dataplane on
-  throughput by handing bulk back.
-
-## The proxy dataplane against its targets: what was found
-
-Targets (issue 3): keep-alive req/s and new conn/s >= 1.2x the best peer, bulk >= 0.6x no
-balancer, RSS <= 10 KiB per idle connection. The full run of 2026-11-26 13:55 (one event
-loop per worker thread): RSS 3.7 KiB (met); bulk 0.61x and 0.63x no balancer at 1 and 2
-threads (met; 1.34x and 1.08x the best peer); keep-alive 1.05x and 0.95x the best peer, new
-connections 1.06x and 0.92x (1.2x missed). Runs move by 10-20% on this shared machine, so
-read the keep-alive and connection figures as on par with nginx stream and HAProxy.
-
-Measured by hand on 2026-11-26 (wrk -c50 through one balancer to 3 nginx backends on
-loopback; CPU of all the balancer's threads from /proc/PID/task/*/stat; `strace -c -f`;
-`perf record -a -g`), three runs each:
-
-- Keep-alive, CPU per request, 1 worker: lb 9.8-12.3 us, nginx stream 10.1-11.4 us (HAProxy
-  12.7 in an earlier run). lb makes one recv and one send per message per direction and one
-  epoll_wait per ~15 requests, the minimum; 68% of its CPU is the kernel's loopback TCP.
-- 2 workers: lb used to run every connection on one work-stealing tokio runtime: 14-16 us per
-  request, 0.65-0.75x nginx's rate, because tasks woken by one thread's epoll ran on the other.
-  Now each worker thread runs its own event loop (a current-thread runtime accepting from
-  every listener) and a connection stays on the thread that accepted it, as in nginx:
-  8.8-10 us per request (nginx 8.2-8.4 in the same A/B), 0.9-0.95x nginx's rate there, and
-  0.95x the best peer in the table above (it was 0.68x).
-- New connections (Connection: close), 2 workers: lb 57-62 us of CPU per connection, nginx
-  45-54. lb makes 21 system calls per connection: accept4, socket, connect, getsockopt
-  (SO_ERROR), 2 setsockopt (TCP_NODELAY), 4 epoll_ctl (tokio registers each socket and
-  deregisters it before close; nginx lets close do that), 4 recvfrom, 2 sendto, 2 shutdown
-  (lb passes each half-close on; nginx stream just closes) and 2 close, plus 0.09 accept4
-  that find nothing (both workers wake for each connection; nginx uses EPOLLEXCLUSIVE).
-- So 1.2x the best peer is out of reach by construction here: the balancer is about a third
-  of the machine's CPU per request (client, backend and kernel are the rest) and lb's third is
-  already the peers'; 1.2x the whole would need lb's own CPU per request halved, which no
-  trimming of the userspace loop gives (all of lb's userspace is about a third of its own
-  CPU). What would: the kernel moving the bytes (sockmap; its keep-alive path is slower
-  than the proxy's on loopback, see above) or fewer round trips per request (not ours).
-";
+/// The reasoning behind the policies and what was measured by hand (docs/benchmark-notes.md),
+/// appended after this run's tables.
+const SOCKMAP_NOTES: &str = include_str!("../../docs/benchmark-notes.md");
 
 fn command_line(runs: usize, seconds: u64, only: Option<&str>) -> String {
     let mut c = String::from("cargo xtask bench");

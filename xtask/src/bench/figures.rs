@@ -6,8 +6,14 @@ use anyhow::{Context as _, bail};
 
 use super::{
     peers::{HoldBackend, Peer, Running},
-    procs::{output_within, rss_kib},
+    procs::{cpu_seconds, output_within, rss_kib},
 };
+
+/// How the CPU columns are measured.
+const CPU: &str = "Balancer CPU: user + system time of the balancer's processes (all threads; \
+                   /proc/PID/stat) over the run, per request; machine CPU: busy time of the \
+                   whole machine (/proc/stat: wrk, balancer, backends and the kernel, including \
+                   the kernel workers that relay sockmap's bytes) per request; lower is better.";
 
 /// wrk's connections.
 pub const WRK_CONNECTIONS: usize = 50;
@@ -62,12 +68,12 @@ impl Figure {
         match self {
             Figure::Rr => format!(
                 "`wrk -tT -c{WRK_CONNECTIONS} -d{seconds}s --latency`: HTTP/1.1 keep-alive GETs of a \
-                 3-byte body, spread over 3 nginx backends (T = the peer's threads)."
+                 3-byte body, spread over 3 nginx backends (T = the peer's threads). {CPU}"
             ),
             Figure::Conn => format!(
                 "`wrk -tT -c{WRK_CONNECTIONS} -d{seconds}s -H 'Connection: close'`: one request per \
                  connection, so each request is a new TCP connection through the balancer \
-                 (and to the backend)."
+                 (and to the backend). {CPU}"
             ),
             Figure::Bulk => format!(
                 "`iperf3 -c ... -t {seconds} -P T`: T streams to one iperf3 server, received rate. \
@@ -95,8 +101,15 @@ impl Figure {
             m("req/s", true, 0),
             m("p50 ms", false, 3),
             m("p99 ms", false, 3),
+            m("balancer CPU us/req", false, 1),
+            m("machine CPU us/req", false, 1),
         ];
-        const CONN: &[Metric] = &[m("conn/s", true, 0), m("p99 ms", false, 3)];
+        const CONN: &[Metric] = &[
+            m("conn/s", true, 0),
+            m("p99 ms", false, 3),
+            m("balancer CPU us/conn", false, 1),
+            m("machine CPU us/conn", false, 1),
+        ];
         const BULK: &[Metric] = &[m("Gbit/s", true, 2), m("CPU s/GB", false, 3)];
         const RSS: &[Metric] = &[m("KiB/conn", false, 2), m("idle RSS MiB", false, 1)];
         match self {
@@ -144,11 +157,24 @@ impl Figure {
                     cmd.args(["-H", "Connection: close"]);
                 }
                 cmd.arg(format!("http://{}/", peer.frontend));
+                let pids = peer.pids();
+                let (own_before, busy_before) = (cpu_seconds(&pids), busy_cpu_seconds()?);
                 let w = parse_wrk(&output_within(&mut cmd, limit, scratch)?)?;
+                let own = cpu_seconds(&pids) - own_before;
+                let busy = busy_cpu_seconds()? - busy_before;
+                // Per request (one request per connection in the conn figure), in us.
+                let requests = w.requests_per_s * seconds as f64;
+                let per = |cpu: f64| {
+                    if requests > 0.0 {
+                        cpu * 1e6 / requests
+                    } else {
+                        0.0
+                    }
+                };
                 let values = if self == Figure::Rr {
-                    vec![w.requests_per_s, w.p50_ms, w.p99_ms]
+                    vec![w.requests_per_s, w.p50_ms, w.p99_ms, per(own), per(busy)]
                 } else {
-                    vec![w.requests_per_s, w.p99_ms]
+                    vec![w.requests_per_s, w.p99_ms, per(own), per(busy)]
                 };
                 Sample {
                     values,

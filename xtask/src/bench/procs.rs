@@ -150,6 +150,22 @@ fn tree(root: u32) -> Vec<u32> {
     all
 }
 
+/// CPU seconds (user + system, all threads) that `pids` have used so far, from field 14 and
+/// 15 of /proc/PID/stat (USER_HZ, 100 on Linux). A process that is gone counts 0.
+pub fn cpu_seconds(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // "pid (comm) state ..." : after the comm, utime and stime are the 12th and 13th.
+            let (_, rest) = stat.rsplit_once(')')?;
+            let mut fields = rest.split_whitespace().skip(11);
+            let utime: f64 = fields.next()?.parse().ok()?;
+            let stime: f64 = fields.next()?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .sum()
+}
+
 /// VmRSS of a process in KiB (0 if it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
