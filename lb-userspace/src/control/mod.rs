@@ -47,7 +47,8 @@ const COPY_BUFFER_SIZE: usize = 16 * 1024;
 /// Everything bound and built before the async runtime starts.
 pub struct Prepared {
     choice: dataplane::Choice,
-    services: Vec<(ServiceConfig, Option<std::net::TcpListener>, Service)>,
+    /// Each service's listeners, one per worker (none for xdp).
+    services: Vec<(ServiceConfig, Option<Vec<std::net::TcpListener>>, Service)>,
     admin: Option<std::net::TcpListener>,
 }
 
@@ -71,7 +72,11 @@ pub fn run_daemon(
         }
     };
     let reserve = sys::reserve_descriptors(limit);
-    let prepared = prepare(&config, fresh)?;
+    let count = workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+        NonZeroUsize::get,
+    );
+    let prepared = prepare(&config, fresh, count)?;
     if prepared.choice.kind != dataplane::Kind::Xdp {
         // Two sockets per connection (pipes come and go with bulk transfers). Information,
         // not a warning: max_connections is a ceiling most services never reach, and past
@@ -108,10 +113,6 @@ pub fn run_daemon(
             }
         }
     }
-    let count = workers.map_or_else(
-        || std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
-        NonZeroUsize::get,
-    );
     let workers = Workers::start(count).context("cannot start the worker threads")?;
     // The control plane (signals, reloads, health checks, admin API, XDP sync) on this
     // thread; connections on the workers.
@@ -157,14 +158,16 @@ impl Workers {
         Ok(Workers { handles })
     }
 
-    /// Accepts on `listener` on every worker (a clone of it each, the last one the listener
-    /// itself, so at least one worker always serves it; a connection wakes them all and one
-    /// accepts it). A clone that cannot be made (no file descriptor left) only leaves that
-    /// worker out for this service, with an error logged.
+    /// How many workers there are.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Accepts on `listeners` (one SO_REUSEPORT group, [`proxy::bind`]), one per worker.
     fn serve(
         &self,
         tasks: &TaskTracker,
-        listener: std::net::TcpListener,
+        listeners: Vec<std::net::TcpListener>,
         state: &Arc<ArcSwap<Service>>,
         slots: &Arc<Semaphore>,
         shared: &Arc<proxy::Shared>,
@@ -182,18 +185,9 @@ impl Workers {
                 handle,
             );
         };
-        let Some((last, others)) = self.handles.split_last() else {
-            return;
-        };
-        for handle in others {
-            match listener.try_clone() {
-                Ok(clone) => spawn(clone, handle),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot share a listener with a worker; it serves on fewer");
-                }
-            }
+        for (listener, handle) in listeners.into_iter().zip(self.handles.iter().cycle()) {
+            spawn(listener, handle);
         }
-        spawn(listener, last);
     }
 }
 
@@ -209,7 +203,8 @@ impl Drop for AbortOnUnwind {
 
 /// Chooses the dataplane, builds every service and binds every socket: a port in use stops the
 /// start before anything serves.
-pub fn prepare(config: &Config, fresh: bool) -> anyhow::Result<Prepared> {
+/// `workers`: how many will accept (one listener each).
+pub fn prepare(config: &Config, fresh: bool, workers: usize) -> anyhow::Result<Prepared> {
     let choice = dataplane::choose(config, fresh)?;
     for (other, why) in &choice.passed_over {
         tracing::info!(dataplane = %other, "not used: {why}");
@@ -227,7 +222,7 @@ pub fn prepare(config: &Config, fresh: bool) -> anyhow::Result<Prepared> {
         let listener = match choice.kind {
             dataplane::Kind::Xdp => None,
             dataplane::Kind::Proxy | dataplane::Kind::Sockmap => {
-                Some(proxy::bind(service.listen).with_context(|| {
+                Some(proxy::bind(service.listen, workers).with_context(|| {
                     format!(
                         "service {}: cannot listen on {}",
                         service.name, service.listen
@@ -353,7 +348,7 @@ impl Daemon {
         &self,
         running: &mut HashMap<String, Running>,
         config: ServiceConfig,
-        listener: Option<std::net::TcpListener>,
+        listener: Option<Vec<std::net::TcpListener>>,
         built: Service,
     ) {
         let name = config.name.clone();
@@ -485,10 +480,12 @@ impl Daemon {
             let previous = running.get(&service.name);
             let listener = if plan.bind.contains(&service.name) {
                 Some(
-                    proxy::bind(service.listen).map_err(|source| ReloadError::Bind {
-                        service: service.name.clone(),
-                        listen: service.listen,
-                        source,
+                    proxy::bind(service.listen, self.workers.len()).map_err(|source| {
+                        ReloadError::Bind {
+                            service: service.name.clone(),
+                            listen: service.listen,
+                            source,
+                        }
                     })?,
                 )
             } else {

@@ -41,19 +41,38 @@ pub struct Shared {
     pub handover: Option<Arc<dyn super::Handover>>,
 }
 
-/// Binds a listening socket: SO_REUSEADDR, IPv6 sockets IPv6-only, backlog 1024, non-blocking
-/// (ready for [`serve`]). Plain std so it can be bound before the async runtime starts.
-pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// Binds `count` listening sockets on `addr`, one per worker, in one SO_REUSEPORT group: the
+/// kernel hands each new connection to one of them, so a connection wakes one worker. (One
+/// socket shared by every worker woke them all, and all but one found nothing to accept.)
+/// Each: SO_REUSEADDR, IPv6-only for IPv6, TCP_NODELAY (accepted sockets inherit it),
+/// backlog 1024, non-blocking (ready for [`serve`]). Plain std so they can be bound before the
+/// async runtime starts.
+///
+/// SO_REUSEPORT alone would let another process of the same user bind the address too and
+/// take a share of its connections unnoticed (a second `lb run` started by mistake): a plain
+/// bind first fails with "Address already in use" while anything listens there.
+pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
     use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(socket.into())
+    let socket = || -> io::Result<Socket> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        Ok(socket)
+    };
+    socket()?.bind(&addr.into())?;
+    (0..count.max(1))
+        .map(|_| {
+            let socket = socket()?;
+            socket.set_reuse_port(true)?;
+            socket.set_tcp_nodelay(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(1024)?;
+            Ok(socket.into())
+        })
+        .collect()
 }
 
 /// Accepts on `listener` until `stop` fires, at most `slots` connections at once. Never dies on one connection's error; backs off
@@ -131,7 +150,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, service: &Service, shared: 
     if *crate::PANIC_ON_CONNECTION {
         panic!("LB_TEST_PANIC_ON_CONNECTION is set: a panic on purpose");
     }
-    let _ = client.set_nodelay(true);
+    // TCP_NODELAY: inherited from the listener (see [`bind`]).
     let mut tried: Vec<usize> = Vec::with_capacity(1 + config.retries as usize);
     for _attempt in 0..=config.retries {
         let Some(index) = service.pick(peer, &tried, fastrand::u64(..)) else {
@@ -247,5 +266,53 @@ async fn connect(
             io::ErrorKind::TimedOut,
             format!("connect timed out after {timeout:?}"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, TcpListener, TcpStream};
+
+    use super::*;
+
+    fn free_loopback() -> SocketAddr {
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+    }
+
+    /// One listener per worker, all on the address, and every connection lands on one of
+    /// them with TCP_NODELAY already on (inherited: `handle` no longer sets it).
+    #[test]
+    fn bind_gives_one_listener_per_worker_whose_sockets_inherit_nodelay() {
+        let addr = free_loopback();
+        let listeners = bind(addr, 3).expect("bind");
+        assert_eq!(listeners.len(), 3);
+        let clients: Vec<TcpStream> = (0..32)
+            .map(|_| TcpStream::connect(addr).expect("connect"))
+            .collect();
+        let mut accepted = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while accepted < clients.len() && std::time::Instant::now() < deadline {
+            for l in &listeners {
+                while let Ok((s, _)) = l.accept() {
+                    assert!(
+                        s.nodelay().unwrap(),
+                        "an accepted socket without TCP_NODELAY"
+                    );
+                    accepted += 1;
+                }
+            }
+        }
+        assert_eq!(accepted, clients.len());
+    }
+
+    /// SO_REUSEPORT alone would let a second lb (same user) share the port unnoticed.
+    #[test]
+    fn an_address_lb_listens_on_cannot_be_bound_again() {
+        let addr = free_loopback();
+        let _first = bind(addr, 2).expect("bind");
+        let second = bind(addr, 2).expect_err("a second bind of a listening address");
+        assert_eq!(second.kind(), io::ErrorKind::AddrInUse, "{second}");
     }
 }
