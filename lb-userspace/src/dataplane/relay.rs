@@ -166,13 +166,23 @@ pub async fn relay_until(
                 abandoned = true;
             }
             r = &mut up, if !up_done && !up_paused => match r {
-                Ok(DirEnd::Eof) => up_done = true,
+                Ok(DirEnd::Eof) => {
+                    up_done = true;
+                    if let Err(e) = pass_fin(backend, down_done) {
+                        return Step::Ended(fail(client, Outcome::BackendFailed, &e));
+                    }
+                }
                 Ok(DirEnd::Paused) => up_paused = true,
                 Err(DirError::Source(e)) => return Step::Ended(fail(backend, Outcome::ClientFailed, &e)),
                 Err(DirError::Dest(e)) => return Step::Ended(fail(client, Outcome::BackendFailed, &e)),
             },
             r = &mut down, if !down_done && !down_paused => match r {
-                Ok(DirEnd::Eof) => down_done = true,
+                Ok(DirEnd::Eof) => {
+                    down_done = true;
+                    if let Err(e) = pass_fin(client, up_done) {
+                        return Step::Ended(fail(backend, Outcome::ClientFailed, &e));
+                    }
+                }
                 Ok(DirEnd::Paused) => down_paused = true,
                 Err(DirError::Source(e)) => return Step::Ended(fail(client, Outcome::BackendFailed, &e)),
                 Err(DirError::Dest(e)) => return Step::Ended(fail(backend, Outcome::ClientFailed, &e)),
@@ -216,6 +226,17 @@ pub async fn relay_until(
     }
 }
 
+/// Passes a half-close on to `dst` (`shutdown(SHUT_WR)`) once every byte before it has been
+/// written, unless the other direction has ended too (`last`): then the relay returns and
+/// closes both sockets at once, and close(2) sends the same FIN (both receive queues are empty
+/// after EOF, so it is a FIN, never a reset). One system call less per connection.
+fn pass_fin(dst: &TcpStream, last: bool) -> io::Result<()> {
+    if last {
+        return Ok(());
+    }
+    socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write)
+}
+
 /// How long a direction that paused for the promotion waits for the other to pause too.
 const PROMOTE_WAIT: Duration = Duration::from_millis(200);
 
@@ -229,7 +250,8 @@ struct Promotion {
 
 /// How a direction ended without an error.
 enum DirEnd {
-    /// EOF from the source, passed on.
+    /// EOF from the source, every byte before it written; the caller passes the FIN on
+    /// ([`pass_fin`]).
     Eof,
     /// Stopped for a promotion, between two steps.
     Paused,
@@ -316,10 +338,7 @@ async fn direction(
             }
         }
     }
-    // Every byte read before EOF has been written: pass the half-close on.
-    socket2::SockRef::from(dst)
-        .shutdown(std::net::Shutdown::Write)
-        .map_err(DirError::Dest)?;
+    // Every byte read before EOF has been written: the caller passes the half-close on.
     Ok(DirEnd::Eof)
 }
 
