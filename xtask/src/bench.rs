@@ -11,6 +11,7 @@
 //! elsewhere on the machine lands on all peers rather than on one.
 
 mod figures;
+mod openloop;
 mod peers;
 mod procs;
 mod report;
@@ -163,7 +164,7 @@ fn select(only: Option<&str>) -> anyhow::Result<(Vec<Figure>, Vec<Peer>, bool)> 
             Some(f) if !figures.contains(f) => figures.push(*f),
             Some(_) => {}
             None => bail!(
-                "--only: unknown figure {key:?}; figures are rr, conn, bulk, rss \
+                "--only: unknown figure {key:?}; figures are rr, rate50, rate80, conn, bulk, rss \
                  (and relay: only lb's relays, lb sockmap and no balancer; xdp: the xdp \
                  dataplane on a namespace topology)"
             ),
@@ -171,6 +172,10 @@ fn select(only: Option<&str>) -> anyhow::Result<(Vec<Figure>, Vec<Peer>, bool)> 
     }
     if figures.is_empty() && !(with_xdp && only.is_some()) {
         figures = Figure::ALL.to_vec();
+    }
+    // A fixed-rate figure takes its rate from the keep-alive figure of the same run.
+    if figures.iter().any(|f| f.load().is_some()) && !figures.contains(&Figure::Rr) {
+        figures.push(Figure::Rr);
     }
     figures.sort();
     let peers = if relay_only {
@@ -195,11 +200,9 @@ enum Backends {
 impl Backends {
     fn start(figure: Figure, ctx: &mut Ctx) -> anyhow::Result<Backends> {
         Ok(match figure {
-            Figure::Rr | Figure::Conn => Backends::Http(HttpBackends::start(
-                ctx,
-                HTTP_BACKEND_PORTS,
-                HTTP_BACKEND_WORKERS,
-            )?),
+            Figure::Rr | Figure::Rate50 | Figure::Rate80 | Figure::Conn => Backends::Http(
+                HttpBackends::start(ctx, HTTP_BACKEND_PORTS, HTTP_BACKEND_WORKERS)?,
+            ),
             Figure::Bulk => Backends::Iperf(IperfServer::start(ctx)?),
             Figure::Rss => Backends::Hold(HoldBackend::start(ctx)?),
         })
@@ -236,15 +239,40 @@ fn run_figure(
         .filter(|p| figure.applies_to(*p))
         .collect();
     for threads in THREADS {
+        // A fixed-rate figure offers a share of the slowest peer's keep-alive rate at these
+        // threads, measured earlier in this run.
+        let rate = figure.load().and_then(|share| {
+            peers
+                .iter()
+                .filter(|&&p| p != Peer::None)
+                .filter_map(|&p| {
+                    let runs = results.get(&(Figure::Rr, threads, p))?;
+                    report::medians(runs, Figure::Rr.metrics().len()).map(|m| m[0])
+                })
+                .min_by(f64::total_cmp)
+                .map(|slowest| slowest * share)
+        });
+        if figure.load().is_some() {
+            match rate {
+                Some(r) => eprintln!(
+                    "    {}: {threads} thread(s), offered {r:.0} req/s",
+                    figure.key()
+                ),
+                None => bail!("{}: no keep-alive rate to take a share of", figure.key()),
+            }
+        }
         for run in 1..=runs {
             for &peer in &peers {
                 let outcome = (|| -> anyhow::Result<Sample> {
                     let mut running = peer.start(ctx, threads, &addrs)?;
-                    if matches!(figure, Figure::Rr | Figure::Conn) {
+                    if matches!(
+                        figure,
+                        Figure::Rr | Figure::Rate50 | Figure::Rate80 | Figure::Conn
+                    ) {
                         http_check(running.frontend)
                             .with_context(|| format!("{} does not relay HTTP", peer.name()))?;
                     }
-                    figure.measure(&mut running, threads, seconds, hold, &scratch)
+                    figure.measure(&mut running, threads, seconds, hold, rate, &scratch)
                 })();
                 let shown = match &outcome {
                     Ok(s) => figure.show(s),
@@ -408,7 +436,7 @@ mod tests {
     #[test]
     fn only() {
         let (f, p, xdp) = select(None).unwrap();
-        assert_eq!((f.len(), p.len(), xdp), (4, 8, true));
+        assert_eq!((f.len(), p.len(), xdp), (6, 8, true));
         let (f, p, xdp) = select(Some("rss, rr,rr")).unwrap();
         assert_eq!(f, [Figure::Rr, Figure::Rss]);
         assert_eq!((p.len(), xdp), (8, false));
@@ -417,7 +445,10 @@ mod tests {
         let (f, _, xdp) = select(Some("xdp,bulk")).unwrap();
         assert_eq!((f, xdp), (vec![Figure::Bulk], true));
         let (f, p, xdp) = select(Some("relay")).unwrap();
-        assert_eq!((f.len(), xdp), (4, false));
+        assert_eq!((f.len(), xdp), (6, false));
+        // A fixed rate takes its rate from the keep-alive figure: that one runs first.
+        let (f, _, _) = select(Some("rate80")).unwrap();
+        assert_eq!(f, [Figure::Rr, Figure::Rate80]);
         assert_eq!(
             p,
             [

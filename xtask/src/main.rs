@@ -39,7 +39,7 @@ enum Task {
         /// Seconds per load run.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
-        /// Only these figures (comma separated: rr,conn,bulk,rss,relay).
+        /// Only these figures (comma separated: rr,rate50,rate80,conn,bulk,rss,relay,xdp).
         #[arg(long)]
         only: Option<String>,
     },

@@ -23,6 +23,10 @@ pub const IDLE_CONNECTIONS: usize = 5_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Figure {
     Rr,
+    /// Keep-alive requests at a fixed rate: half, and four fifths, of the slowest peer's
+    /// `Rr` rate in the same run (see [`Figure::load`]).
+    Rate50,
+    Rate80,
     Conn,
     Bulk,
     Rss,
@@ -43,11 +47,29 @@ pub struct Sample {
 }
 
 impl Figure {
-    pub const ALL: [Figure; 4] = [Figure::Rr, Figure::Conn, Figure::Bulk, Figure::Rss];
+    pub const ALL: [Figure; 6] = [
+        Figure::Rr,
+        Figure::Rate50,
+        Figure::Rate80,
+        Figure::Conn,
+        Figure::Bulk,
+        Figure::Rss,
+    ];
+
+    /// The share of the slowest peer's keep-alive rate a fixed-rate figure offers.
+    pub fn load(self) -> Option<f64> {
+        match self {
+            Figure::Rate50 => Some(0.5),
+            Figure::Rate80 => Some(0.8),
+            _ => None,
+        }
+    }
 
     pub fn key(self) -> &'static str {
         match self {
             Figure::Rr => "rr",
+            Figure::Rate50 => "rate50",
+            Figure::Rate80 => "rate80",
             Figure::Conn => "conn",
             Figure::Bulk => "bulk",
             Figure::Rss => "rss",
@@ -57,6 +79,8 @@ impl Figure {
     pub fn title(self) -> &'static str {
         match self {
             Figure::Rr => "Keep-alive requests/s",
+            Figure::Rate50 => "Keep-alive at a fixed rate: 50% of the slowest peer's",
+            Figure::Rate80 => "Keep-alive at a fixed rate: 80% of the slowest peer's",
             Figure::Conn => "New connections/s",
             Figure::Bulk => "Bulk throughput",
             Figure::Rss => "Memory per idle connection",
@@ -69,6 +93,16 @@ impl Figure {
             Figure::Rr => format!(
                 "`wrk -tT -c{WRK_CONNECTIONS} -d{seconds}s --latency`: HTTP/1.1 keep-alive GETs of a \
                  3-byte body, spread over 3 nginx backends (T = the peer's threads). {CPU}"
+            ),
+            Figure::Rate50 | Figure::Rate80 => format!(
+                "An open-loop generator of our own (xtask/src/bench/openloop.rs, wrk2's model): \
+                 {WRK_CONNECTIONS} keep-alive connections each send a GET on a fixed schedule for \
+                 {seconds}s, together {}% of the slowest peer's keep-alive rate in the table \
+                 above at the same thread count (the rate is in the progress lines). Latency is \
+                 counted from each request's due time, so a stall counts against every request \
+                 it delayed. Every peer gets the same work, so CPU per request compares like \
+                 with like. {CPU}",
+                self.load().unwrap_or(0.0) * 100.0
             ),
             Figure::Conn => format!(
                 "`wrk -tT -c{WRK_CONNECTIONS} -d{seconds}s -H 'Connection: close'`: one request per \
@@ -104,6 +138,14 @@ impl Figure {
             m("balancer CPU us/req", false, 1),
             m("machine CPU us/req", false, 1),
         ];
+        const RATE: &[Metric] = &[
+            m("answered req/s", true, 0),
+            m("p50 ms", false, 3),
+            m("p99 ms", false, 3),
+            m("p99.9 ms", false, 3),
+            m("balancer CPU us/req", false, 1),
+            m("machine CPU us/req", false, 1),
+        ];
         const CONN: &[Metric] = &[
             m("conn/s", true, 0),
             m("p99 ms", false, 3),
@@ -114,6 +156,7 @@ impl Figure {
         const RSS: &[Metric] = &[m("KiB/conn", false, 2), m("idle RSS MiB", false, 1)];
         match self {
             Figure::Rr => RR,
+            Figure::Rate50 | Figure::Rate80 => RATE,
             Figure::Conn => CONN,
             Figure::Bulk => BULK,
             Figure::Rss => RSS,
@@ -141,6 +184,7 @@ impl Figure {
         threads: usize,
         seconds: u64,
         hold: Option<&HoldBackend>,
+        rate: Option<f64>,
         scratch: &Path,
     ) -> anyhow::Result<Sample> {
         let limit = Duration::from_secs(seconds + 20);
@@ -179,6 +223,33 @@ impl Figure {
                 Sample {
                     values,
                     note: w.errors,
+                }
+            }
+            Figure::Rate50 | Figure::Rate80 => {
+                let rate =
+                    rate.context("a fixed-rate figure needs the keep-alive figure's rates")?;
+                let pids = peer.pids();
+                let (own_before, busy_before) = (cpu_seconds(&pids), busy_cpu_seconds()?);
+                let r = super::openloop::run(peer.frontend, rate, WRK_CONNECTIONS, seconds)?;
+                let own = cpu_seconds(&pids) - own_before;
+                let busy = busy_cpu_seconds()? - busy_before;
+                let per = |cpu: f64| {
+                    if r.answered > 0 {
+                        cpu * 1e6 / r.answered as f64
+                    } else {
+                        0.0
+                    }
+                };
+                Sample {
+                    values: vec![
+                        r.answered_per_s,
+                        r.p50_ms,
+                        r.p99_ms,
+                        r.p999_ms,
+                        per(own),
+                        per(busy),
+                    ],
+                    note: (r.errors > 0).then(|| format!("{} of {rate:.0}/s unanswered", r.errors)),
                 }
             }
             Figure::Bulk => {
@@ -329,7 +400,9 @@ fn idle_rss(peer: &mut Running, hold: &HoldBackend) -> anyhow::Result<Sample> {
 /// What the balancers forward to in a figure ("no balancer" goes straight to the first one).
 pub fn backends_note(figure: Figure) -> &'static str {
     match figure {
-        Figure::Rr | Figure::Conn => "3 nginx HTTP backends (2 workers), round robin",
+        Figure::Rr | Figure::Rate50 | Figure::Rate80 | Figure::Conn => {
+            "3 nginx HTTP backends (2 workers), round robin"
+        }
         Figure::Bulk => "one iperf3 server",
         Figure::Rss => "one backend that accepts and holds connections",
     }

@@ -269,7 +269,7 @@ fn measure_row(
                 .client
                 .run({
                     let scratch = scratch.to_owned();
-                    move || figure.measure(&mut running, t, seconds, None, &scratch)
+                    move || figure.measure(&mut running, t, seconds, None, None, &scratch)
                 })
                 .map_err(|e| format!("{e:#}"));
             if let Some(b) = &mut balancer {
