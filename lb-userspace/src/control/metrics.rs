@@ -169,8 +169,9 @@ impl Collector for LbCollector {
         {
             let mut family = encoder.encode_descriptor(
                 "lb_local_errors",
-                "Clients reset because lb itself ran out of file descriptors, memory or local \
-                 ports while connecting to a backend (never counted against the backend).",
+                "Clients reset because lb itself ran out of file descriptors (its data path's \
+                 share of the open-files limit), memory or local ports, at accept or while \
+                 connecting to a backend (never counted against the backend).",
                 None,
                 MetricType::Counter,
             )?;
