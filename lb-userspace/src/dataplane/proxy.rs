@@ -92,10 +92,12 @@ pub async fn serve(
         }
     };
     loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&slots).acquire_owned() => p.expect("semaphore never closed"),
-            () = stop.cancelled() => return,
-        };
+        // Accept first, then wait for a slot: with one listening socket per worker
+        // (SO_REUSEPORT) the kernel picks the worker, so a worker waiting for a slot before
+        // accepting could hold the last one while the connection waits on another worker's
+        // socket, never served (a CI failure: max_connections 2, the third client never
+        // served after a slot freed). Over the limit each worker holds at most the one client
+        // it accepted, unserved, until a slot frees.
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = stop.cancelled() => return,
@@ -108,6 +110,10 @@ pub async fn serve(
                 local_shortage(&service.load(), "no descriptor left for a client");
             }
             Ok((client, peer)) => {
+                let permit = tokio::select! {
+                    p = Arc::clone(&slots).acquire_owned() => p.expect("semaphore never closed"),
+                    () = stop.cancelled() => return,
+                };
                 let service = service.load_full();
                 let span =
                     tracing::info_span!("conn", service = %service.config.name, client = %peer);
